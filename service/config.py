@@ -1,0 +1,77 @@
+"""Service settings: read once from ``ANEMIA_*`` environment variables and passed in explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated, Literal
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_PATH = PROJECT_ROOT / "models" / "anemia_mobilenetv2.onnx"
+DEFAULT_ENGINE_DIR = PROJECT_ROOT / "engines"
+
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+BackendName = Literal["auto", "onnxruntime", "tensorrt"]
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+MIB = 1024 * 1024
+
+
+class SettingsError(Exception):
+    """A bad configuration value; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ANEMIA_", extra="ignore", frozen=True, protected_namespaces=())
+
+    precision: Precision = "fp32"
+    backend: BackendName = "auto"
+    model: Path = DEFAULT_MODEL_PATH
+    engine_dir: Path = DEFAULT_ENGINE_DIR
+    auto_build: bool = False
+    threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+
+    max_upload_bytes: int = Field(default=10 * MIB, gt=0)
+    max_pixels: int = Field(default=40_000_000, gt=0)
+    min_roi_pixels: int = Field(default=256, ge=1)
+    max_polygon_points: int = Field(default=10_000, ge=3)
+
+    max_batch: int = Field(default=8, ge=1, le=256)
+    batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    queue_size: int = Field(default=64, ge=1)
+    preprocess_threads: int = Field(default=2, ge=1, le=64)
+    intra_op_threads: int = Field(default=0, ge=0, le=256)
+
+    api_key: Optional[SecretStr] = None
+    cors_origins: Annotated[List[str], NoDecode] = Field(default_factory=list)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    tegrastats: bool = False
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning validation errors into one message per bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            lines.append("ANEMIA_{}: {} (got {!r})".format(field.upper(), error["msg"], error.get("input")))
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None

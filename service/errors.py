@@ -1,0 +1,79 @@
+"""The service's error type: every failure a client can cause maps to one HTTP status and code."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+
+class ServiceError(Exception):
+    """An error with a machine-readable code, an HTTP status and a message for people."""
+
+    code = "internal_error"
+    http_status = 500
+
+    def __init__(self, message: str, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: Dict[str, str] = dict(headers or {})
+
+
+class PreprocessError(ServiceError):
+    """Raised by decoding and preprocessing; training and evaluation see the same errors."""
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedImage(PreprocessError):
+    code = "unsupported_image"
+    http_status = 415
+
+
+class ImageTooLarge(PreprocessError):
+    code = "image_too_large"
+    http_status = 422
+
+
+class InvalidRoi(PreprocessError):
+    code = "invalid_roi"
+    http_status = 422
+
+
+class InvalidRequest(ServiceError):
+    code = "invalid_request"
+    http_status = 422
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+    http_status = 503
+
+    def __init__(self, message: str = "The model is not loaded yet; retry shortly.") -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class Overloaded(ServiceError):
+    code = "overloaded"
+    http_status = 503
+
+    def __init__(self, message: str = "Too many requests in flight; retry shortly.") -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class InferenceFailed(ServiceError):
+    code = "inference_failed"
+    http_status = 500
+
+
+class EngineError(ServiceError):
+    """A startup problem with a model or engine file; the message names the file and the fix."""
+
+    code = "engine_error"
+    http_status = 500
