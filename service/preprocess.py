@@ -20,8 +20,13 @@ import numpy as np
 
 from service.errors import ImageTooLarge, InvalidRoi, UnsupportedImage
 
-# OpenCV's own guard is 2^30 pixels; ours (``max_pixels``) is checked on the header first.
+# Preprocessing runs in the service's small thread pool; OpenCV's own threads would oversubscribe.
 cv2.setNumThreads(1)
+# Corrupt uploads are answered with a 415; OpenCV's own warnings on stderr would only be noise.
+try:
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+except AttributeError:  # builds without the logging utilities
+    pass
 
 ALPHA_OPAQUE_THRESHOLD = 128
 RESIZE_MODES = ("letterbox", "stretch")

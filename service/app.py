@@ -1,0 +1,504 @@
+"""The HTTP service: thin FastAPI routes over plain functions that tests call directly."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Tuple, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.batching import MicroBatcher
+from service.config import Settings
+from service.errors import (
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+)
+from service.logging_setup import request_id_var
+from service.metrics import ServiceMetrics
+from service.model_info import ModelInfo
+from service.preprocess import PreprocessLimits, decode_image, parse_roi_json, preprocess_decoded
+from service.runtime import BackendFactory, ResolvedEngine, backend_factory, resolve_engine
+from service.schemas import ErrorBody, ModelDescription, Prediction, Status
+
+logger = logging.getLogger("service.app")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PREDICT_PATH = "/v1/predict"
+_REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+class ServiceState:
+    """Everything one app instance owns: model, engine, batcher, executor, metrics."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: ModelInfo,
+        engine: ResolvedEngine,
+        factory: BackendFactory,
+        registry: Optional[CollectorRegistry] = None,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.engine = engine
+        self.threshold = settings.threshold if settings.threshold is not None else model.threshold
+        self.limits = PreprocessLimits(
+            max_pixels=settings.max_pixels,
+            min_roi_pixels=settings.min_roi_pixels,
+            max_polygon_points=settings.max_polygon_points,
+        )
+        self.registry = registry or CollectorRegistry()
+        self.metrics = ServiceMetrics(self.registry)
+        self.batcher = MicroBatcher(
+            factory,
+            max_batch=settings.max_batch,
+            max_wait_seconds=settings.batch_wait_ms / 1000.0,
+            queue_size=settings.queue_size,
+            warmup_shape=(3, model.spec.input_size, model.spec.input_size),
+            on_batch=lambda size, _seconds: self.metrics.batch_size.observe(size),
+            incoming=lambda: self.preparing,
+        )
+        self.executor = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="preprocess")
+        # Admitted requests beyond what the queue and one running batch hold are turned away early.
+        self.max_in_flight = settings.queue_size + settings.max_batch
+        self.in_flight = 0
+        self.preparing = 0  # admitted, not yet handed to the batcher
+        self.shutting_down = False
+        self.telemetry: Any = None
+        self.metrics.model_info.labels(
+            precision=settings.precision, backend=engine.backend, model_sha256=model.sha256
+        ).set(1)
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+        self.metrics.queue_depth.set_function(lambda: float(self.batcher.queue_depth))
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher.ready and not self.shutting_down
+
+    async def start(self) -> None:
+        loaded = self.batcher.start()
+        # Load errors (a corrupt engine, a CUDA failure) abort startup: never a half-ready server.
+        await asyncio.wrap_future(loaded)
+        if self.settings.tegrastats:
+            from service.telemetry import TegrastatsMonitor
+
+            self.telemetry = TegrastatsMonitor(self.registry)
+            self.telemetry.start()
+        logger.info(
+            "backend loaded",
+            extra={"backend": self.engine.backend, "precision": self.settings.precision, "engine": self.engine.entry.file},
+        )
+
+    async def stop(self) -> None:
+        self.shutting_down = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.batcher.stop)
+        if self.telemetry is not None:
+            self.telemetry.stop()
+        self.executor.shutdown(wait=True)
+        logger.info("stopped", extra={"backend_calls": self.batcher.backend_calls})
+
+    async def run_blocking(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
+
+
+def build_state(settings: Settings, factory: Optional[BackendFactory] = None) -> ServiceState:
+    """Read the model and find its engine now, so a bad configuration fails before serving."""
+    model = ModelInfo.from_onnx(settings.model)
+    engine = resolve_engine(settings, model)
+    return ServiceState(settings, model, engine, factory or backend_factory(settings, engine))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain functions behind the routes
+
+
+def check_api_key(settings: Settings, headers: Any) -> None:
+    if settings.api_key is None:
+        return
+    supplied = headers.get("x-api-key")
+    if supplied is None:
+        authorization = headers.get("authorization", "")
+        if authorization.lower().startswith("bearer "):
+            supplied = authorization[7:].strip()
+    expected = settings.api_key.get_secret_value().encode()
+    if supplied is None or not hmac.compare_digest(supplied.encode(), expected):
+        raise Unauthorized("a valid API key is required in the X-API-Key header")
+
+
+def content_length(headers: Any) -> Optional[int]:
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest("Content-Length is not a number") from None
+
+
+async def read_predict_form(request: Request, max_upload_bytes: int) -> Tuple[bytes, Optional[str]]:
+    """The ``image`` file and optional ``roi`` text from the multipart body."""
+    declared = content_length(request.headers)
+    if declared is not None and declared > max_upload_bytes:
+        raise PayloadTooLarge("the request body is {} bytes; at most {} are accepted".format(declared, max_upload_bytes))
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise InvalidRequest("send multipart/form-data with a file field named 'image'")
+    try:
+        form = await request.form(max_files=2, max_fields=8)
+    except ServiceError:
+        raise
+    except Exception as exc:  # starlette/python-multipart parse errors
+        raise InvalidRequest("the multipart body could not be parsed: {}".format(exc)) from None
+    try:
+        images = form.getlist("image")
+        if not images:
+            raise InvalidRequest("the form has no 'image' file field")
+        if len(images) > 1:
+            raise InvalidRequest("send exactly one 'image' field, got {}".format(len(images)))
+        image = images[0]
+        if not isinstance(image, UploadFile):
+            raise InvalidRequest("'image' must be a file upload, not a text field")
+        rois = form.getlist("roi")
+        if len(rois) > 1:
+            raise InvalidRequest("send at most one 'roi' field, got {}".format(len(rois)))
+        roi_text: Optional[str] = None
+        if rois:
+            if isinstance(rois[0], UploadFile):
+                roi_text = (await rois[0].read()).decode("utf-8", errors="replace")
+            else:
+                roi_text = str(rois[0])
+        data = await image.read()
+    finally:
+        await form.close()
+    return data, roi_text
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+async def predict(state: ServiceState, request: Request, request_id: str) -> Dict[str, Any]:
+    """Handle one prediction: read, decode, preprocess (off the loop), infer (batched), answer."""
+    started = time.perf_counter()
+    check_api_key(state.settings, request.headers)
+    if not state.ready:
+        raise NotReady("The server is shutting down." if state.shutting_down else "The model is warming up; retry shortly.")
+    if state.in_flight >= state.max_in_flight:
+        raise Overloaded()
+    state.in_flight += 1
+    state.preparing += 1
+    state.metrics.requests_in_flight.inc()
+    submitted = False
+    try:
+        data, roi_text = await read_predict_form(request, state.settings.max_upload_bytes)
+        roi = await state.run_blocking(parse_roi_json, roi_text, state.limits.max_polygon_points)
+        t0 = time.perf_counter()
+        decoded = await state.run_blocking(decode_image, data, state.limits.max_pixels)
+        t1 = time.perf_counter()
+        prepared = await state.run_blocking(preprocess_decoded, decoded, roi, state.model.spec, state.limits)
+        t2 = time.perf_counter()
+        del data, decoded
+        state.preparing -= 1
+        submitted = True
+        result = await state.batcher.submit(prepared.tensor)
+    finally:
+        if not submitted:
+            state.preparing -= 1
+        state.in_flight -= 1
+        state.metrics.requests_in_flight.dec()
+    stages = state.metrics.stage_duration
+    stages.labels(stage="decode").observe(t1 - t0)
+    stages.labels(stage="preprocess").observe(t2 - t1)
+    stages.labels(stage="queue").observe(result.queue_seconds)
+    stages.labels(stage="inference").observe(result.inference_seconds)
+    label = "anemic" if result.probability >= state.threshold else "non-anemic"
+    state.metrics.predictions.labels(label=label).inc()
+    total = time.perf_counter() - started
+    logger.info(
+        "prediction",
+        extra={
+            "label": label,
+            "probability": round(result.probability, 4),
+            "roi_source": prepared.roi_source,
+            "batch_size": result.batch_size,
+            "total_ms": _ms(total),
+        },
+    )
+    return {
+        "request_id": request_id,
+        "anemia_probability": result.probability,
+        "label": label,
+        "threshold": state.threshold,
+        "precision": state.settings.precision,
+        "backend": state.engine.backend,
+        "model": {"name": state.model.name, "version": state.model.version, "sha256": state.model.sha256},
+        "roi": {"source": prepared.roi_source, "bbox": list(prepared.roi_bbox), "pixels": prepared.roi_pixels},
+        "latency_ms": {
+            "decode": _ms(t1 - t0),
+            "preprocess": _ms(t2 - t1),
+            "queue": _ms(result.queue_seconds),
+            "inference": _ms(result.inference_seconds),
+            "total": _ms(total),
+        },
+    }
+
+
+def describe_model(state: ServiceState) -> Dict[str, Any]:
+    return {
+        "name": state.model.name,
+        "version": state.model.version,
+        "sha256": state.model.sha256,
+        "threshold": state.threshold,
+        "precision": state.settings.precision,
+        "backend": state.engine.backend,
+        "preprocess": asdict(state.model.spec),
+        "metadata": state.model.public_metadata(),
+        "engine": state.engine.entry.to_dict(),
+    }
+
+
+def error_response(state: Optional[ServiceState], exc: ServiceError, request_id: str) -> JSONResponse:
+    if state is not None:
+        state.metrics.errors.labels(code=exc.code).inc()
+    body = {"error": {"code": exc.code, "message": exc.message}, "request_id": request_id}
+    return JSONResponse(body, status_code=exc.http_status, headers=exc.headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# ASGI middleware
+
+
+class RequestContextMiddleware:
+    """Request id, the body-size limit while reading, and the request-duration histogram."""
+
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        supplied = headers.get("x-request-id", "")
+        request_id = supplied if _REQUEST_ID_PATTERN.match(supplied) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        limit = self.state.settings.max_upload_bytes
+        path = scope.get("path", "")
+        received = 0
+        status_holder = {"status": 500}
+        started = time.perf_counter()
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request" and path == PREDICT_PATH:
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge("the request body exceeds {} bytes".format(limit))
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+            endpoint = _endpoint_label(path)
+            if endpoint != "/metrics":
+                self.state.metrics.request_duration.labels(endpoint=endpoint, status=str(status_holder["status"])).observe(
+                    time.perf_counter() - started
+                )
+
+
+_KNOWN_ENDPOINTS = {PREDICT_PATH, "/v1/model", "/healthz", "/readyz", "/metrics", "/"}
+
+
+def _endpoint_label(path: str) -> str:
+    if path in _KNOWN_ENDPOINTS:
+        return path
+    if path.startswith("/static/"):
+        return "/static"
+    return "other"
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+_ERROR_RESPONSES: Dict[int, Dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in (
+        (401, "unauthorized: missing or wrong API key"),
+        (413, "payload_too_large: the body exceeds ANEMIA_MAX_UPLOAD_BYTES"),
+        (415, "unsupported_image: not a decodable PNG, JPEG, WebP or BMP"),
+        (422, "image_too_large, invalid_roi or invalid_request"),
+        (500, "inference_failed"),
+        (503, "not_ready or overloaded; see Retry-After"),
+    )
+}
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PNG, JPEG, WebP or BMP. A PNG with a transparent background "
+                            "uses its alpha channel as the conjunctiva outline.",
+                        },
+                        "roi": {
+                            "type": "string",
+                            "description": 'Optional JSON: {"polygon": [[x, y], ...]} (3 or more points) or '
+                            '{"bbox": [x, y, w, h]}, in pixels of the uploaded image.',
+                            "example": '{"polygon": [[40, 60], [300, 50], [310, 120], [50, 130]]}',
+                        },
+                    },
+                },
+                "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp, image/bmp"}},
+            }
+        },
+    }
+}
+
+
+def create_app(settings: Settings, factory: Optional[BackendFactory] = None, state: Optional[ServiceState] = None) -> FastAPI:
+    """Build the app. Model and engine are checked here, before any port is bound."""
+    state = state or build_state(settings, factory)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(
+        title="Anemia screening",
+        version=__version__,
+        description="Probability of anemia (Hb < 11 g/dL) from a photo of a child's palpebral conjunctiva. "
+        "A screening aid: confirm with a hemoglobin test.",
+        lifespan=lifespan,
+    )
+    app.state.svc = state
+
+    def request_id_of(request: Request) -> str:
+        return str(request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(state, exc, request_id_of(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(state, InvalidRequest(str(exc.errors())[:500]), request_id_of(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ServiceError(str(exc.detail), headers=getattr(exc, "headers", None))
+        error.http_status = exc.status_code
+        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(state, error, request_id_of(request))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(state, ServiceError("internal error"), request_id_of(request))
+
+    @app.post(
+        PREDICT_PATH,
+        response_model=Prediction,
+        responses=_ERROR_RESPONSES,  # type: ignore[arg-type]
+        openapi_extra=_PREDICT_BODY,
+        summary="Screen one conjunctiva photo for anemia",
+    )
+    async def predict_route(request: Request) -> JSONResponse:
+        return JSONResponse(await predict(state, request, request_id_of(request)))
+
+    @app.get("/v1/model", response_model=ModelDescription, responses={401: _ERROR_RESPONSES[401]})
+    async def model_route(request: Request) -> JSONResponse:
+        check_api_key(settings, request.headers)
+        return JSONResponse(describe_model(state))
+
+    @app.get("/healthz", response_model=Status)
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}})
+    async def readyz(request: Request) -> JSONResponse:
+        if state.ready:
+            return JSONResponse({"status": "ready"})
+        detail = "shutting down" if state.shutting_down else ("warm-up failed" if state.batcher.failure else "warming up")
+        return error_response(None, NotReady("not ready: {}".format(detail)), request_id_of(request))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_route() -> Response:
+        return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if (STATIC_DIR / "index.html").is_file():
+        app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(str(STATIC_DIR / "index.html"), headers={"Cache-Control": "no-cache"})
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key", "Authorization", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, state=state)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory: ``uvicorn --factory service.app:app_from_env``."""
+    from service.config import load_settings
+    from service.logging_setup import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,226 @@
+"""Micro-batching: one thread owns the backend and groups waiting requests into one call.
+
+Handlers call :meth:`MicroBatcher.submit` from the event loop; a bounded queue hands work to
+the worker, which collects against a ``time.monotonic()`` deadline, runs one batched inference,
+and answers every request — with its result, or with an error when the batch failed — and then
+keeps running. The backend is created inside the worker thread, so with TensorRT the CUDA
+context belongs to that thread alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+from service.errors import InferenceFailed, NotReady, Overloaded, ServiceError
+from service.runtime.base import InferenceBackend
+
+logger = logging.getLogger("service.batching")
+
+_STOP = object()
+
+
+@dataclass
+class InferenceResult:
+    probability: float
+    queue_seconds: float
+    inference_seconds: float
+    batch_size: int
+
+
+@dataclass
+class _Pending:
+    tensor: np.ndarray
+    future: "concurrent.futures.Future[InferenceResult]"
+    enqueued_at: float
+
+
+BatchObserver = Callable[[int, float], None]
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        backend_factory: Callable[[], InferenceBackend],
+        max_batch: int = 8,
+        max_wait_seconds: float = 0.002,
+        queue_size: int = 64,
+        warmup_shape: Optional[tuple] = None,
+        on_batch: Optional[BatchObserver] = None,
+        on_queue_depth: Optional[Callable[[int], None]] = None,
+        incoming: Optional[Callable[[], int]] = None,
+    ) -> None:
+        self._backend_factory = backend_factory
+        self.max_batch = max_batch
+        self.max_wait_seconds = max_wait_seconds
+        self._queue: "queue.Queue[object]" = queue.Queue(maxsize=queue_size)
+        self._warmup_shape = warmup_shape
+        self._on_batch = on_batch
+        self._on_queue_depth = on_queue_depth
+        # How many admitted requests are still being decoded; with none coming, waiting for
+        # company only adds latency, so a lone request goes straight to the backend.
+        self._incoming = incoming
+        self._thread: Optional[threading.Thread] = None
+        self._accepting = False
+        self._admit_lock = threading.Lock()
+        self.loaded = concurrent.futures.Future()  # type: concurrent.futures.Future[None]
+        self.warmed_up = threading.Event()
+        self.backend_calls = 0
+        self.failure: Optional[BaseException] = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> "concurrent.futures.Future[None]":
+        """Start the worker; the returned future resolves once the backend is open (or failed)."""
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._accepting = True
+        self._thread.start()
+        return self.loaded
+
+    def stop(self, timeout_seconds: float = 30.0) -> None:
+        """Stop admitting, let the worker finish everything queued, then close the backend."""
+        with self._admit_lock:
+            if not self._accepting and self._thread is None:
+                return
+            self._accepting = False
+            # Blocking put: the sentinel queues behind every admitted request.
+            self._queue.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout_seconds)
+            self._thread = None
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self.warmed_up.is_set() and self.failure is None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # -- submission (event loop side) -----------------------------------------------------
+
+    def submit_nowait(self, tensor: np.ndarray) -> "concurrent.futures.Future[InferenceResult]":
+        if not self.ready:
+            raise NotReady() if self._accepting else NotReady("The server is shutting down.")
+        future: "concurrent.futures.Future[InferenceResult]" = concurrent.futures.Future()
+        with self._admit_lock:
+            if not self._accepting:
+                raise NotReady("The server is shutting down.")
+            try:
+                self._queue.put_nowait(_Pending(tensor, future, time.monotonic()))
+            except queue.Full:
+                raise Overloaded() from None
+        if self._on_queue_depth is not None:
+            self._on_queue_depth(self._queue.qsize())
+        return future
+
+    async def submit(self, tensor: np.ndarray) -> InferenceResult:
+        return await asyncio.wrap_future(self.submit_nowait(tensor))
+
+    # -- worker ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            backend = self._backend_factory()
+        except BaseException as exc:  # report any load failure to whoever awaits startup
+            self.failure = exc
+            self.loaded.set_exception(exc)
+            return
+        self.loaded.set_result(None)
+        try:
+            self._warm_up(backend)
+            self._serve(backend)
+        finally:
+            backend.close()
+
+    def _warm_up(self, backend: InferenceBackend) -> None:
+        if self._warmup_shape is None:
+            self.warmed_up.set()
+            return
+        try:
+            for batch in sorted({1, min(self.max_batch, backend.max_batch_size)}):
+                backend.infer(np.zeros((batch,) + tuple(self._warmup_shape), dtype=np.float32))
+        except BaseException as exc:
+            self.failure = exc
+            logger.exception("warm-up failed; the server stays not-ready")
+            return
+        self.warmed_up.set()
+
+    def _collect(self, first: _Pending, limit: int) -> Tuple[List[_Pending], bool]:
+        batch = [first]
+        stop = False
+        deadline = time.monotonic() + self.max_wait_seconds
+        while len(batch) < limit:
+            if self._incoming is not None and self._incoming() == 0 and self._queue.empty():
+                break
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            assert isinstance(item, _Pending)
+            batch.append(item)
+        return batch, stop
+
+    def _serve(self, backend: InferenceBackend) -> None:
+        limit = max(1, min(self.max_batch, backend.max_batch_size))
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            assert isinstance(item, _Pending)
+            batch, stop = self._collect(item, limit)
+            if self._on_queue_depth is not None:
+                self._on_queue_depth(self._queue.qsize())
+            # A request whose client went away is dropped here rather than computed.
+            live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            if live:
+                self._infer(backend, live)
+        # Drain whatever raced in behind the sentinel so no admitted request is left hanging.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Pending) and item.future.set_running_or_notify_cancel():
+                self._infer(backend, [item])
+
+    def _infer(self, backend: InferenceBackend, batch: List[_Pending]) -> None:
+        started = time.monotonic()
+        try:
+            tensors = np.concatenate([p.tensor for p in batch], axis=0)
+            probabilities = backend.infer(tensors)
+            if probabilities.shape[0] != len(batch) or not np.all(np.isfinite(probabilities)):
+                raise InferenceFailed("the backend returned {} for {} images".format(probabilities, len(batch)))
+        except BaseException as exc:
+            logger.exception("batch of %d failed", len(batch))
+            error = exc if isinstance(exc, ServiceError) else InferenceFailed("inference failed: {}".format(type(exc).__name__))
+            for pending in batch:
+                pending.future.set_exception(error)
+            return
+        finished = time.monotonic()
+        self.backend_calls += 1
+        inference_seconds = finished - started
+        if self._on_batch is not None:
+            self._on_batch(len(batch), inference_seconds)
+        for pending, probability in zip(batch, probabilities):
+            pending.future.set_result(
+                InferenceResult(
+                    probability=float(probability),
+                    queue_seconds=started - pending.enqueued_at,
+                    inference_seconds=inference_seconds,
+                    batch_size=len(batch),
+                )
+            )

@@ -1,0 +1,335 @@
+"""Every endpoint and every error code, against the real app on the ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import ServiceState, build_state, create_app
+from service.config import Settings
+from service.model_info import ModelInfo
+from service.preprocess import PreprocessLimits, parse_roi_json, preprocess_roi
+from service.runtime import backend_factory, resolve_engine
+from tests.backends import InstrumentedBackend
+from tests.conftest import wait_ready
+from tests.images import bomb_png, conjunctiva_rgba, encode, rgb_photo
+
+POLYGON = json.dumps({"polygon": [[40, 30], [280, 40], [270, 200], [50, 190]]})
+
+
+def post_image(client: Any, data: bytes, roi: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> Any:
+    form = {"roi": roi} if roi is not None else None
+    return client.post("/v1/predict", files={"image": ("upload", data, "application/octet-stream")}, data=form, headers=headers)
+
+
+def reference_probability(settings: Settings, data: bytes, roi_text: Optional[str] = None) -> float:
+    """What the model says for this picture, computed without the server."""
+    model = ModelInfo.from_onnx(settings.model)
+    backend = backend_factory(settings, resolve_engine(settings, model))()
+    try:
+        tensor = preprocess_roi(data, parse_roi_json(roi_text), model.spec, PreprocessLimits(min_roi_pixels=1)).tensor
+        return float(backend.infer(tensor)[0])
+    finally:
+        backend.close()
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    prefix = name + ("{" + labels + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(prefix + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def instrumented_app(settings: Settings, **kwargs: Any) -> Any:
+    holder: Dict[str, InstrumentedBackend] = {}
+    model = ModelInfo.from_onnx(settings.model)
+    real_factory = backend_factory(settings, resolve_engine(settings, model))
+
+    def factory() -> InstrumentedBackend:
+        holder["backend"] = InstrumentedBackend(real_factory(), **kwargs)
+        return holder["backend"]
+
+    return create_app(settings, factory=factory), holder
+
+
+# -- success paths ------------------------------------------------------------------------------
+
+
+def test_predict_on_a_transparent_crop(client: Any, make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    response = post_image(client, crop_png)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["anemia_probability"] == pytest.approx(reference_probability(make_settings(), crop_png), abs=1e-6)
+    assert body["label"] == ("anemic" if body["anemia_probability"] >= body["threshold"] else "non-anemic")
+    assert body["roi"]["source"] == "alpha"
+    assert body["precision"] == "fp32" and body["backend"] == "onnxruntime"
+    assert body["model"]["name"] == "anemia-test-model" and len(body["model"]["sha256"]) == 64
+    assert set(body["latency_ms"]) == {"decode", "preprocess", "queue", "inference", "total"}
+    assert body["latency_ms"]["total"] >= body["latency_ms"]["inference"] > 0
+    assert response.headers["x-request-id"] == body["request_id"]
+
+
+def test_predict_with_polygon_and_bbox_on_a_jpeg(client: Any, make_settings: Callable[..., Settings], photo_jpeg: bytes) -> None:
+    polygon = post_image(client, photo_jpeg, POLYGON).json()
+    assert polygon["roi"]["source"] == "polygon"
+    assert polygon["anemia_probability"] == pytest.approx(reference_probability(make_settings(), photo_jpeg, POLYGON), abs=1e-6)
+    bbox = post_image(client, photo_jpeg, json.dumps({"bbox": [10, 10, 100, 80]})).json()
+    assert bbox["roi"] == {"source": "bbox", "bbox": [10, 10, 100, 80], "pixels": 8000}
+    full = post_image(client, photo_jpeg).json()
+    assert full["roi"]["source"] == "full" and full["roi"]["pixels"] == 320 * 240
+
+
+def test_threshold_override_changes_the_label(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    for threshold, label in ((0.0, "anemic"), (1.0, "non-anemic")):
+        with TestClient(create_app(make_settings(threshold=threshold))) as client:
+            wait_ready(client)
+            body = post_image(client, crop_png).json()
+        assert body["threshold"] == threshold and body["label"] == label
+
+
+def test_client_request_id_is_echoed(client: Any, crop_png: bytes) -> None:
+    response = post_image(client, crop_png, headers={"X-Request-ID": "tablet-42.7"})
+    assert response.json()["request_id"] == "tablet-42.7" and response.headers["x-request-id"] == "tablet-42.7"
+    hostile = post_image(client, crop_png, headers={"X-Request-ID": "bad id\n<script>"})
+    assert hostile.json()["request_id"] != "bad id\n<script>" and len(hostile.json()["request_id"]) == 32
+
+
+def test_model_endpoint_shows_metadata_and_engine(client: Any, make_settings: Callable[..., Settings]) -> None:
+    body = client.get("/v1/model").json()
+    assert body["name"] == "anemia-test-model" and body["threshold"] == 0.5
+    assert body["preprocess"]["input_size"] == 224 and body["preprocess"]["resize_mode"] == "letterbox"
+    assert body["engine"]["precision"] == "fp32" and body["engine"]["backend"] == "onnxruntime"
+    assert body["engine"]["model_sha256"] == body["sha256"] == ModelInfo.from_onnx(make_settings().model).sha256
+    assert body["metadata"]["preprocess.mean"] == [127.5, 127.5, 127.5]
+
+
+def test_health_and_openapi(client: Any) -> None:
+    assert client.get("/healthz").json() == {"status": "alive"}
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["required"] == ["image"] and set(body["properties"]) == {"image", "roi"}
+    assert client.get("/docs").status_code == 200
+
+
+# -- readiness ----------------------------------------------------------------------------------
+
+
+def test_readiness_turns_200_only_after_warm_up(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    gate = threading.Event()
+    app, holder = instrumented_app(make_settings(), gate=gate)
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 503
+        assert "anemia_ready 0.0" in client.get("/metrics").text
+        early = post_image(client, crop_png)
+        assert early.status_code == 503 and early.json()["error"]["code"] == "not_ready"
+        assert early.headers["retry-after"] == "1"
+        gate.set()
+        wait_ready(client)
+        assert "anemia_ready 1.0" in client.get("/metrics").text
+        assert post_image(client, crop_png).status_code == 200
+    assert holder["backend"].closed  # shutdown released the backend
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, roi, status, code",
+    [
+        (b"", None, 415, "unsupported_image"),
+        (b"just some text", None, 415, "unsupported_image"),
+        (encode(rgb_photo())[:150], None, 415, "unsupported_image"),
+        (bomb_png(), None, 422, "image_too_large"),
+        (encode(rgb_photo()), '{"polygon": [[900, 900], [950, 900], [950, 950]]}', 422, "invalid_roi"),
+        (encode(rgb_photo()), '{"polygon": [[1, 1], [2, 2]]}', 422, "invalid_roi"),
+        (encode(rgb_photo()), "{oops", 422, "invalid_roi"),
+        (encode(rgb_photo()), '{"bbox": [0, 0, 3, 3]}', 422, "invalid_roi"),
+    ],
+    ids=["zero-bytes", "text", "truncated-png", "bomb", "polygon-outside", "two-points", "bad-json", "tiny-bbox"],
+)
+def test_bad_input_gets_a_specific_error(client: Any, data: bytes, roi: Optional[str], status: int, code: str) -> None:
+    before = metric_value(client.get("/metrics").text, "anemia_errors_total", 'code="{}"'.format(code))
+    response = post_image(client, data, roi)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code and body["error"]["message"] and body["request_id"]
+    after = metric_value(client.get("/metrics").text, "anemia_errors_total", 'code="{}"'.format(code))
+    assert after == before + 1
+    assert post_image(client, encode(conjunctiva_rgba())).status_code == 200  # still serving
+
+
+def test_form_problems_are_invalid_request(client: Any, crop_png: bytes) -> None:
+    no_image = client.post("/v1/predict", files={"picture": ("a.png", crop_png, "image/png")})
+    assert no_image.status_code == 422 and no_image.json()["error"]["code"] == "invalid_request"
+    twice = client.post(
+        "/v1/predict", files=[("image", ("a.png", crop_png, "image/png")), ("image", ("b.png", crop_png, "image/png"))]
+    )
+    assert twice.status_code == 422 and "exactly one" in twice.json()["error"]["message"]
+    as_text = client.post("/v1/predict", data={"image": "not a file"})
+    assert as_text.status_code == 422 and as_text.json()["error"]["code"] == "invalid_request"
+    json_body = client.post("/v1/predict", json={"image": "abc"})
+    assert json_body.status_code == 422 and "multipart" in json_body.json()["error"]["message"]
+
+
+def test_body_over_the_limit_by_content_length(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(max_upload_bytes=2000))) as client:
+        wait_ready(client)
+        response = post_image(client, encode(rgb_photo()))  # ~230 kB
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_body_over_the_limit_while_streaming(make_settings: Callable[..., Settings]) -> None:
+    """Chunked upload, no Content-Length: the limit is enforced while reading."""
+    chunks_sent: List[int] = []
+
+    def body() -> Iterator[bytes]:
+        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+        for index in range(1000):
+            chunks_sent.append(index)
+            yield b"\0" * 1024
+
+    with TestClient(create_app(make_settings(max_upload_bytes=10_000))) as client:
+        wait_ready(client)
+        response = client.post("/v1/predict", content=body(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_api_key(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    with TestClient(create_app(make_settings(api_key="s3cret-key"))) as client:
+        wait_ready(client)
+        missing = post_image(client, crop_png)
+        wrong = post_image(client, crop_png, headers={"X-API-Key": "s3cret-kez"})
+        assert missing.status_code == wrong.status_code == 401
+        assert wrong.json()["error"]["code"] == "unauthorized"
+        assert client.get("/v1/model").status_code == 401
+        assert post_image(client, crop_png, headers={"X-API-Key": "s3cret-key"}).status_code == 200
+        assert post_image(client, crop_png, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        assert client.get("/v1/model", headers={"X-API-Key": "s3cret-key"}).status_code == 200
+        # Health and metrics stay open for probes and Prometheus.
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        assert client.get("/metrics").status_code == 200
+
+
+def test_overloaded_when_too_many_in_flight(client: Any, crop_png: bytes) -> None:
+    state: ServiceState = client.app.state.svc
+    state.in_flight = state.max_in_flight
+    try:
+        response = post_image(client, crop_png)
+    finally:
+        state.in_flight = 0
+    assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
+    assert response.headers["retry-after"] == "1"
+
+
+def test_backend_failure_answers_500_and_the_worker_survives(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    # Fail only on the brightest (all-white) picture; warm-up's zeros pass.
+    app, _ = instrumented_app(make_settings(), fail_if=lambda batch: float(batch.max()) >= 0.999 and float(batch.min()) >= 0.999)
+    white = encode(np.full((60, 60, 3), 255, dtype=np.uint8))
+    with TestClient(app) as client:
+        wait_ready(client)
+        failed = post_image(client, white)
+        assert failed.status_code == 500 and failed.json()["error"]["code"] == "inference_failed"
+        assert post_image(client, crop_png).status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def test_unknown_route_and_method(client: Any) -> None:
+    assert client.get("/nope").json()["error"]["code"] == "not_found"
+    assert client.get("/v1/predict").json()["error"]["code"] == "method_not_allowed"
+
+
+def test_cors_only_for_configured_origins(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(cors_origins="http://tablet.local"))) as client:
+        allowed = client.options(
+            "/v1/predict", headers={"Origin": "http://tablet.local", "Access-Control-Request-Method": "POST"}
+        )
+        other = client.options("/v1/predict", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert allowed.headers.get("access-control-allow-origin") == "http://tablet.local"
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_logs_carry_request_id_but_no_image_or_roi(client: Any, photo_jpeg: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    response = post_image(client, photo_jpeg, POLYGON, headers={"X-Request-ID": "rid-123"})
+    assert response.status_code == 200
+    records = [r for r in caplog.records if r.name.startswith("service")]
+    assert any(r.getMessage() == "prediction" for r in records)
+    from service.logging_setup import JsonFormatter
+
+    lines = [JsonFormatter().format(r) for r in records]
+    assert any('"request_id": "rid-123"' in line for line in lines)
+    assert not any("280" in line and "270" in line for line in lines)  # polygon coordinates
+    assert not any("JFIF" in line or "\\xff\\xd8" in line for line in lines)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def test_metrics_increment_per_prediction(client: Any, crop_png: bytes) -> None:
+    before = client.get("/metrics").text
+    body = post_image(client, crop_png).json()
+    after = client.get("/metrics").text
+    label = 'label="{}"'.format(body["label"])
+    assert metric_value(after, "anemia_predictions_total", label) == metric_value(before, "anemia_predictions_total", label) + 1
+    for stage in ("decode", "preprocess", "queue", "inference"):
+        labels = 'stage="{}"'.format(stage)
+        assert metric_value(after, "anemia_stage_duration_seconds_count", labels) == (
+            metric_value(before, "anemia_stage_duration_seconds_count", labels) + 1
+        )
+    request_labels = 'endpoint="/v1/predict",status="200"'
+    assert metric_value(after, "anemia_request_duration_seconds_count", request_labels) == (
+        metric_value(before, "anemia_request_duration_seconds_count", request_labels) + 1
+    )
+    assert metric_value(after, "anemia_batch_size_count") >= metric_value(before, "anemia_batch_size_count") + 1
+    assert 'anemia_model_info{backend="onnxruntime",model_sha256="' in after
+    assert "anemia_queue_depth 0.0" in after and "anemia_requests_in_flight 0.0" in after
+
+
+# -- micro-batching -----------------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched_with_identical_results(make_settings: Callable[..., Settings]) -> None:
+    pictures = [encode(conjunctiva_rgba(seed=i, red=120 + 8 * i)) for i in range(16)]
+    settings = make_settings(max_batch=8, batch_wait_ms=20)
+    app, holder = instrumented_app(settings, delay_seconds=0.03)
+    state: ServiceState = app.state.svc
+
+    async def scenario() -> List[float]:
+        await state.start()
+        try:
+            while not state.ready:
+                await asyncio.sleep(0.01)
+            warmup_calls = len(holder["backend"].batch_sizes)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                responses = await asyncio.gather(
+                    *(http.post("/v1/predict", files={"image": ("a.png", p, "image/png")}) for p in pictures)
+                )
+            calls = holder["backend"].batch_sizes[warmup_calls:]
+            assert sum(calls) == len(pictures)
+            assert len(calls) < len(pictures), calls
+            assert max(calls) > 1
+            return [r.json()["anemia_probability"] for r in responses]
+        finally:
+            await state.stop()
+
+    batched = asyncio.run(scenario())
+    one_by_one = [reference_probability(settings, p) for p in pictures]
+    assert np.allclose(batched, one_by_one, atol=1e-5)
+    assert len(set(np.round(batched, 6))) > 1  # the pictures really differ
+
+
+def test_build_state_fails_fast_without_a_model(make_settings: Callable[..., Settings], tmp_path: Any) -> None:
+    from service.errors import EngineError
+
+    with pytest.raises(EngineError, match="make train"):
+        build_state(make_settings(model=tmp_path / "missing.onnx"))

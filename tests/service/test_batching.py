@@ -1,0 +1,193 @@
+"""The micro-batching loop as a unit, with a backend that records what it was asked."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import List
+
+import numpy as np
+import pytest
+
+from service.batching import MicroBatcher
+from service.errors import InferenceFailed, NotReady, Overloaded
+from service.runtime.base import InferenceBackend
+
+
+class MeanBackend(InferenceBackend):
+    """Probability = mean of the input, so results are checkable per request."""
+
+    name = "fake"
+
+    def __init__(self, delay_seconds: float = 0.0, fail_on_negative: bool = False) -> None:
+        self.calls: List[int] = []
+        self.thread_ids: List[int] = []
+        self.delay_seconds = delay_seconds
+        self.fail_on_negative = fail_on_negative
+        self.closed_by: List[int] = []
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.thread_ids.append(threading.get_ident())
+        if self.delay_seconds:
+            time.sleep(self.delay_seconds)
+        if self.fail_on_negative and float(batch.min()) < 0:
+            raise RuntimeError("boom")
+        self.calls.append(len(batch))
+        return batch.reshape(len(batch), -1).mean(axis=1).astype(np.float32)
+
+    def close(self) -> None:
+        self.closed_by.append(threading.get_ident())
+
+
+def started(backend: MeanBackend, **kwargs: object) -> MicroBatcher:
+    batcher = MicroBatcher(lambda: backend, warmup_shape=(1, 2, 2), **kwargs)  # type: ignore[arg-type]
+    batcher.start().result(5)
+    assert batcher.warmed_up.wait(5)
+    return batcher
+
+
+def tensor(value: float) -> np.ndarray:
+    return np.full((1, 1, 2, 2), value, dtype=np.float32)
+
+
+def test_concurrent_submissions_share_backend_calls_and_get_their_own_result() -> None:
+    backend = MeanBackend(delay_seconds=0.02)
+    batcher = started(backend, max_batch=4, max_wait_seconds=0.05, queue_size=32)
+    warmup_calls = len(backend.calls)
+    futures = [batcher.submit_nowait(tensor(i / 10)) for i in range(10)]
+    results = [f.result(5) for f in futures]
+    batcher.stop()
+    assert [r.probability for r in results] == pytest.approx([i / 10 for i in range(10)])
+    calls = backend.calls[warmup_calls:]
+    assert sum(calls) == 10 and len(calls) < 10 and max(calls) <= 4
+    assert all(r.batch_size >= 1 for r in results)
+
+
+def test_backend_is_used_and_closed_by_one_thread_only() -> None:
+    backend = MeanBackend()
+    batcher = started(backend, max_batch=2)
+    batcher.submit_nowait(tensor(0.5)).result(5)
+    batcher.stop()
+    assert len(set(backend.thread_ids)) == 1
+    assert backend.closed_by == [backend.thread_ids[0]]
+    assert backend.thread_ids[0] != threading.get_ident()
+
+
+def test_a_failed_batch_answers_each_request_and_the_loop_keeps_running() -> None:
+    backend = MeanBackend(fail_on_negative=True)
+    batcher = started(backend, max_batch=1)
+    with pytest.raises(InferenceFailed):
+        batcher.submit_nowait(tensor(-1.0)).result(5)
+    assert batcher.submit_nowait(tensor(0.25)).result(5).probability == pytest.approx(0.25)
+    batcher.stop()
+
+
+def test_full_queue_is_overloaded() -> None:
+    gate = threading.Event()
+
+    class Gated(MeanBackend):
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            if warmed.is_set():
+                gate.wait(5)
+            return super().infer(batch)
+
+    warmed = threading.Event()
+    backend = Gated()
+    batcher = MicroBatcher(lambda: backend, max_batch=1, max_wait_seconds=0.0, queue_size=2, warmup_shape=(1, 2, 2))
+    batcher.start().result(5)
+    batcher.warmed_up.wait(5)
+    warmed.set()
+    first = batcher.submit_nowait(tensor(0.1))
+    deadline = time.monotonic() + 2
+    while batcher.queue_depth and time.monotonic() < deadline:  # worker picks the first up
+        time.sleep(0.005)
+    queued = [batcher.submit_nowait(tensor(0.2)), batcher.submit_nowait(tensor(0.3))]
+    with pytest.raises(Overloaded):
+        batcher.submit_nowait(tensor(0.4))
+    gate.set()
+    assert [f.result(5).probability for f in [first] + queued] == pytest.approx([0.1, 0.2, 0.3])
+    batcher.stop()
+
+
+def test_stop_finishes_everything_admitted_then_refuses() -> None:
+    backend = MeanBackend(delay_seconds=0.01)
+    batcher = started(backend, max_batch=2, queue_size=64)
+    futures = [batcher.submit_nowait(tensor(i / 100)) for i in range(20)]
+    batcher.stop()
+    assert all(f.done() for f in futures)
+    assert [f.result().probability for f in futures] == pytest.approx([i / 100 for i in range(20)])
+    with pytest.raises(NotReady):
+        batcher.submit_nowait(tensor(0.5))
+
+
+def test_not_ready_before_warm_up() -> None:
+    release = threading.Event()
+
+    class SlowWarmup(MeanBackend):
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            release.wait(5)
+            return super().infer(batch)
+
+    batcher = MicroBatcher(SlowWarmup, warmup_shape=(1, 2, 2))
+    batcher.start().result(5)
+    assert not batcher.ready
+    with pytest.raises(NotReady):
+        batcher.submit_nowait(tensor(0.1))
+    release.set()
+    assert batcher.warmed_up.wait(5) and batcher.ready
+    batcher.stop()
+
+
+def test_load_failure_is_reported_to_whoever_waits_for_startup() -> None:
+    def broken() -> InferenceBackend:
+        raise OSError("engine file unreadable")
+
+    batcher = MicroBatcher(broken)
+    with pytest.raises(OSError, match="unreadable"):
+        batcher.start().result(5)
+    assert not batcher.ready
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    backend = MeanBackend()
+    batcher = started(backend, max_batch=8, max_wait_seconds=0.5, incoming=lambda: 0)
+    started_at = time.monotonic()
+    batcher.submit_nowait(tensor(0.3)).result(5)
+    elapsed = time.monotonic() - started_at
+    batcher.stop()
+    assert elapsed < 0.25  # far below the 0.5 s collection window
+
+
+def test_cancelled_requests_are_not_computed() -> None:
+    gate = threading.Event()
+
+    class Gated(MeanBackend):
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            if batcher_ready.is_set():
+                gate.wait(5)
+            return super().infer(batch)
+
+    batcher_ready = threading.Event()
+    backend = Gated()
+    batcher = started(backend, max_batch=1, max_wait_seconds=0.0)
+    batcher_ready.set()
+    warmup_calls = len(backend.calls)
+    first = batcher.submit_nowait(tensor(0.1))
+    abandoned = batcher.submit_nowait(tensor(0.9))
+    assert abandoned.cancel()
+    gate.set()
+    first.result(5)
+    batcher.stop()
+    assert sum(backend.calls[warmup_calls:]) == 1
+
+
+def test_async_submit() -> None:
+    backend = MeanBackend()
+    batcher = started(backend)
+
+    async def go() -> float:
+        return (await batcher.submit(tensor(0.75))).probability
+
+    assert asyncio.run(go()) == pytest.approx(0.75)
+    batcher.stop()

@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from service.errors import ImageTooLarge, InvalidRoi, UnsupportedImage
+from service.preprocess import (
+    PreprocessLimits,
+    PreprocessSpec,
+    Roi,
+    decode_image,
+    jpeg_exif_orientation,
+    parse_roi_json,
+    preprocess_roi,
+)
+from tests.images import bomb_png, conjunctiva_rgba, encode, palette_png, rgb_photo, with_exif_orientation
+
+SPEC = PreprocessSpec()
+
+
+def test_spec_round_trips_through_model_metadata() -> None:
+    spec = PreprocessSpec(input_size=160, fill=(0.0, 0.0, 0.0), mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0))
+    assert PreprocessSpec.from_metadata(spec.to_metadata()) == spec
+
+
+def test_spec_from_metadata_names_missing_keys() -> None:
+    with pytest.raises(ValueError, match="preprocess.std"):
+        PreprocessSpec.from_metadata({k: v for k, v in SPEC.to_metadata().items() if k != "preprocess.std"})
+
+
+def test_alpha_channel_is_the_roi_and_outside_gets_the_fill() -> None:
+    rgba = conjunctiva_rgba(228, 88)
+    result = preprocess_roi(encode(rgba), None, SPEC)
+    assert result.roi_source == "alpha"
+    assert result.roi_pixels == int((rgba[..., 3] >= 128).sum())
+    assert result.tensor.shape == (1, 3, 224, 224) and result.tensor.dtype == np.float32
+    # Letterbox: 228x88 scales to 224x86, centred; rows above it are fill, which normalizes to 0.
+    assert np.allclose(result.tensor[0, :, :60, :], 0.0)
+    # The ellipse's corners inside its bbox are transparent, hence fill too.
+    assert np.allclose(result.tensor[0, :, 70, 0], 0.0)
+    centre = result.tensor[0, :, 112, 112]
+    assert centre[0] > centre[1] and centre[0] > 0.4  # red dominates the conjunctiva
+
+
+def test_normalization_uses_the_specs_mean_and_std() -> None:
+    flat = np.full((50, 50, 3), (255, 0, 127), dtype=np.uint8)
+    result = preprocess_roi(encode(flat), None, SPEC)
+    assert result.roi_source == "full"
+    assert np.allclose(result.tensor[0, :, 112, 112], [1.0, -1.0, -0.5 / 127.5], atol=1e-5)
+
+
+def test_bgr_channel_order_swaps_channels() -> None:
+    flat = np.full((50, 50, 3), (255, 0, 127), dtype=np.uint8)
+    result = preprocess_roi(encode(flat), None, PreprocessSpec(channel_order="BGR"))
+    assert np.allclose(result.tensor[0, :, 112, 112], [-0.5 / 127.5, -1.0, 1.0], atol=1e-5)
+
+
+def test_polygon_roi_masks_outside_and_crops_to_its_bbox() -> None:
+    image = np.zeros((200, 300, 3), dtype=np.uint8)
+    image[:, :150] = (255, 0, 0)
+    image[:, 150:] = (0, 0, 255)
+    roi = Roi(polygon=np.array([[10.0, 20.0], [140.0, 20.0], [140.0, 180.0], [10.0, 180.0]]))
+    result = preprocess_roi(encode(image), roi, SPEC)
+    assert result.roi_source == "polygon"
+    assert result.roi_bbox == (10, 20, 131, 161)
+    # Only red pixels were inside: no blue anywhere in the tensor.
+    assert result.tensor[0, 2].max() <= 0.0 + 1e-6
+
+
+def test_bbox_roi() -> None:
+    result = preprocess_roi(encode(rgb_photo(320, 240)), Roi(bbox=(100.0, 50.0, 60.0, 40.0)), SPEC)
+    assert result.roi_source == "bbox" and result.roi_bbox == (100, 50, 60, 40) and result.roi_pixels == 2400
+
+
+def test_jpeg_exif_orientation_is_honoured() -> None:
+    image = np.zeros((40, 100, 3), dtype=np.uint8)  # landscape as stored
+    image[:, :50] = 255
+    jpeg = with_exif_orientation(encode(image, ".jpg"), 6)
+    assert jpeg_exif_orientation(jpeg) == 6
+    decoded = decode_image(jpeg)
+    assert decoded.rgb.shape[:2] == (100, 40)  # shown rotated 90° clockwise: portrait
+    assert decoded.rgb[:50].mean() > 200 and decoded.rgb[50:].mean() < 50
+
+
+def test_sixteen_bit_png_decodes_to_eight_bit() -> None:
+    image16 = np.full((30, 40, 3), 65535, dtype=np.uint16)
+    image16[:, :20] = 256 * 100
+    decoded = decode_image(encode(image16))
+    assert decoded.rgb.dtype == np.uint8
+    assert decoded.rgb[0, 0, 0] == 100 and decoded.rgb[0, 39, 0] == 255
+
+
+def test_grayscale_jpeg_becomes_rgb() -> None:
+    gray = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))
+    decoded = decode_image(encode(gray, ".jpg"))
+    assert decoded.rgb.shape == (48, 64, 3)
+    assert np.array_equal(decoded.rgb[..., 0], decoded.rgb[..., 2])
+
+
+def test_palette_png_decodes() -> None:
+    palette = np.array([[255, 0, 0], [0, 255, 0]], dtype=np.uint8)
+    indices = np.zeros((10, 12), dtype=np.uint8)
+    indices[:, 6:] = 1
+    decoded = decode_image(palette_png(indices, palette))
+    assert tuple(decoded.rgb[0, 0]) == (255, 0, 0) and tuple(decoded.rgb[0, 11]) == (0, 255, 0)
+
+
+@pytest.mark.parametrize("ext", [".webp", ".bmp"])
+def test_webp_and_bmp_decode(ext: str) -> None:
+    image = rgb_photo(64, 48)
+    decoded = decode_image(encode(image, ext))
+    assert decoded.rgb.shape == (48, 64, 3)
+    assert decoded.format == ext[1:]
+    if ext == ".bmp":  # lossless
+        assert np.array_equal(decoded.rgb, image)
+
+
+def test_opaque_alpha_is_not_a_mask() -> None:
+    rgba = conjunctiva_rgba()
+    rgba[..., 3] = 255
+    assert decode_image(encode(rgba)).alpha is None
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"", UnsupportedImage),
+        (b"hello, this is text", UnsupportedImage),
+        (b"<html><body>not an image</body></html>", UnsupportedImage),
+        (encode(rgb_photo())[:200], UnsupportedImage),  # truncated PNG
+        (encode(rgb_photo(), ".jpg")[:300], UnsupportedImage),  # truncated JPEG
+        (b"\x89PNG\r\n\x1a\n", UnsupportedImage),  # signature only
+        (bomb_png(), ImageTooLarge),  # 100000 x 100000 claimed in the header
+    ],
+    ids=["empty", "text", "html", "truncated-png", "truncated-jpeg", "png-signature-only", "bomb"],
+)
+def test_bad_bytes_raise_the_projects_errors(data: bytes, error: type) -> None:
+    with pytest.raises(error):
+        preprocess_roi(data, None, SPEC)
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    with pytest.raises(ImageTooLarge, match="320x240"):
+        decode_image(encode(rgb_photo(320, 240)), max_pixels=320 * 240 - 1)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"polygon": [[0, 0], [1, 1]]}', "at least 3"),
+        ('{"polygon": [[0, 0], [1, NaN], [2, 2]]}', "finite"),
+        ('{"polygon": [[0, 0], [1, Infinity], [2, 2]]}', "finite"),
+        ('{"polygon": [[0, 0], [1, "a"], [2, 2]]}', "numbers"),
+        ('{"polygon": [[0, 0, 1], [1, 1], [2, 2]]}', "[x, y]"),
+        ('{"bbox": [0, 0, -5, 10]}', "positive"),
+        ('{"bbox": [0, 0, 5]}', "[x, y, w, h]"),
+        ('{"polygon": [[0,0],[1,0],[1,1]], "bbox": [0,0,1,1]}', "exactly one"),
+    ],
+)
+def test_malformed_roi_json(text: str, fragment: str) -> None:
+    with pytest.raises(InvalidRoi) as raised:
+        parse_roi_json(text)
+    assert fragment in raised.value.message
+
+
+def test_polygon_point_limit() -> None:
+    points = [[i % 100, i // 100] for i in range(2001)]
+    with pytest.raises(InvalidRoi, match="at most 2000"):
+        parse_roi_json(json.dumps({"polygon": points}), max_polygon_points=2000)
+
+
+def test_polygon_outside_the_image_is_rejected() -> None:
+    roi = parse_roi_json('{"polygon": [[1000, 1000], [1100, 1000], [1100, 1100]]}')
+    with pytest.raises(InvalidRoi, match="outside"):
+        preprocess_roi(encode(rgb_photo(320, 240)), roi, SPEC)
+
+
+def test_too_small_roi_is_rejected() -> None:
+    roi = parse_roi_json('{"bbox": [10, 10, 4, 4]}')
+    with pytest.raises(InvalidRoi, match="16 pixels"):
+        preprocess_roi(encode(rgb_photo()), roi, SPEC, PreprocessLimits(min_roi_pixels=100))
+
+
+def test_fully_transparent_png_is_an_empty_roi() -> None:
+    rgba = conjunctiva_rgba()
+    rgba[..., 3] = 0
+    with pytest.raises(InvalidRoi, match="covers 0 pixels"):
+        preprocess_roi(encode(rgba), None, SPEC)
+
+
+def test_blank_roi_field_means_no_roi() -> None:
+    assert parse_roi_json("  ") is None and parse_roi_json(None) is None
+
+
+def test_output_is_finite_for_extreme_aspect_ratios() -> None:
+    for width, height in ((2000, 3), (3, 2000), (1, 1)):
+        result = preprocess_roi(encode(rgb_photo(width, height)), None, SPEC, PreprocessLimits(min_roi_pixels=1))
+        assert result.tensor.shape == (1, 3, 224, 224)
+        assert math.isfinite(float(result.tensor.sum()))
