@@ -333,3 +333,17 @@ def test_build_state_fails_fast_without_a_model(make_settings: Callable[..., Set
 
     with pytest.raises(EngineError, match="make train"):
         build_state(make_settings(model=tmp_path / "missing.onnx"))
+
+
+@pytest.mark.parametrize("kind", ["png16", "gray-jpeg", "webp", "bmp"])
+def test_other_encodings_are_served(client: Any, kind: str) -> None:
+    photo = rgb_photo(200, 150)
+    if kind == "png16":
+        data = encode(photo.astype(np.uint16) * 257)
+    elif kind == "gray-jpeg":
+        data = encode(photo[..., 0], ".jpg")
+    else:
+        data = encode(photo, "." + kind)
+    response = post_image(client, data)
+    assert response.status_code == 200, response.text
+    assert response.json()["roi"] == {"source": "full", "bbox": [0, 0, 200, 150], "pixels": 30000}
