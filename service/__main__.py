@@ -59,7 +59,9 @@ def main(argv: "Optional[List[str]]" = None) -> int:
         return 2
     host = os.environ.get("HOST", "0.0.0.0")
     port = int(os.environ.get("PORT", "8000"))
-    uvicorn.run(app, host=host, port=port, workers=1, log_config=None, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app, host=host, port=port, workers=1, log_config=None, timeout_graceful_shutdown=30, server_header=False
+    )
     return 0
 
 

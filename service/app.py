@@ -27,7 +27,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.batching import MicroBatcher
 from service.config import Settings
+from service.engines import rebuild_hint
 from service.errors import (
+    EngineError,
     InvalidRequest,
     NotReady,
     Overloaded,
@@ -105,7 +107,15 @@ class ServiceState:
     async def start(self) -> None:
         loaded = self.batcher.start()
         # Load errors (a corrupt engine, a CUDA failure) abort startup: never a half-ready server.
-        await asyncio.wrap_future(loaded)
+        try:
+            await asyncio.wrap_future(loaded)
+        except Exception as exc:
+            # The manifest vouched for this file, so rebuilding needs the file gone first.
+            raise EngineError(
+                "engine {} could not be opened ({}: {}); if the file is damaged, delete it and {}".format(
+                    self.engine.path, type(exc).__name__, str(exc)[:300], rebuild_hint(self.engine.entry.key, self.engine.path.parent)
+                )
+            ) from exc
         if self.settings.tegrastats:
             from service.telemetry import TegrastatsMonitor
 
@@ -331,7 +341,11 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+                # nosniff: a browser never reads an error's JSON (which may quote client input) as HTML.
+                message["headers"] = list(message["headers"]) + [
+                    (b"x-request-id", request_id.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
             await send(message)
 
         try:

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from service.errors import InferenceFailed, NotReady, Overloaded, ServiceError
+from service.logging_setup import request_id_var
 from service.runtime.base import InferenceBackend
 
 logger = logging.getLogger("service.batching")
@@ -41,6 +42,7 @@ class _Pending:
     tensor: np.ndarray
     future: "concurrent.futures.Future[InferenceResult]"
     enqueued_at: float
+    request_id: str = "-"
 
 
 BatchObserver = Callable[[int, float], None]
@@ -115,7 +117,7 @@ class MicroBatcher:
             if not self._accepting:
                 raise NotReady("The server is shutting down.")
             try:
-                self._queue.put_nowait(_Pending(tensor, future, time.monotonic()))
+                self._queue.put_nowait(_Pending(tensor, future, time.monotonic(), request_id_var.get()))
             except queue.Full:
                 raise Overloaded() from None
         if self._on_queue_depth is not None:
@@ -205,7 +207,8 @@ class MicroBatcher:
             if probabilities.shape[0] != len(batch) or not np.all(np.isfinite(probabilities)):
                 raise InferenceFailed("the backend returned {} for {} images".format(probabilities, len(batch)))
         except BaseException as exc:
-            logger.exception("batch of %d failed", len(batch))
+            # The worker thread has no request context: name the batch's requests explicitly.
+            logger.exception("batch of %d failed", len(batch), extra={"request_ids": [p.request_id for p in batch]})
             error = exc if isinstance(exc, ServiceError) else InferenceFailed("inference failed: {}".format(type(exc).__name__))
             for pending in batch:
                 pending.future.set_exception(error)

@@ -24,7 +24,7 @@ from service.errors import ImageTooLarge, InvalidRoi, UnsupportedImage
 cv2.setNumThreads(1)
 # Corrupt uploads are answered with a 415; OpenCV's own warnings on stderr would only be noise.
 try:
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 except AttributeError:  # builds without the logging utilities
     pass
 
@@ -110,6 +110,10 @@ def parse_roi_json(text: Optional[str], max_polygon_points: int = 10_000) -> Opt
     """Parse the ``roi`` form field; ``None`` or blank means no ROI."""
     if text is None or not text.strip():
         return None
+    # Parsing megabytes of JSON holds the GIL for a second or more: refuse what cannot be valid first.
+    max_chars = 100 * max_polygon_points + 1000
+    if len(text) > max_chars:
+        raise InvalidRoi("roi is {} characters; at most {} are accepted".format(len(text), max_chars))
     try:
         payload = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -303,6 +307,9 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> DecodedImage:
         raise ImageTooLarge(
             "the image is {}x{} = {} pixels; at most {} are accepted".format(width, height, width * height, max_pixels)
         )
+    if fmt == "png" and data.rfind(b"IEND") < 0:
+        # The usual broken upload; caught here, libpng would also print a non-JSON line to stderr.
+        raise UnsupportedImage("the PNG is truncated (no IEND chunk)")
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
@@ -342,6 +349,24 @@ def _to_rgb_and_alpha(image: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarra
 # ROI mask, crop, resize, normalize
 
 
+def _clip_polygon(points: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    """Sutherland-Hodgman clipping to a rectangle: the same area inside it, bounded coordinates."""
+    for axis, bound, keep_above in ((0, x0, True), (0, x1, False), (1, y0, True), (1, y1, False)):
+        if len(points) == 0:
+            break
+        previous = np.roll(points, 1, axis=0)
+        inside = points[:, axis] >= bound if keep_above else points[:, axis] <= bound
+        crossing = inside != np.roll(inside, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # only crossing edges are used
+            fraction = (bound - previous[:, axis]) / (points[:, axis] - previous[:, axis])
+            crossings = previous + fraction[:, np.newaxis] * (points - previous)
+        crossings[:, axis] = bound
+        # Per edge previous -> current: its crossing point if it crosses, then current if inside.
+        candidates = np.stack([crossings, points], axis=1)
+        points = candidates[np.stack([crossing, inside], axis=1)]
+    return points
+
+
 def roi_mask(decoded: DecodedImage, roi: Optional[Roi], limits: PreprocessLimits) -> Tuple[np.ndarray, str]:
     """The ROI as a uint8 mask (255 inside) and its source: alpha, polygon, bbox or full."""
     height, width = decoded.rgb.shape[:2]
@@ -357,7 +382,12 @@ def roi_mask(decoded: DecodedImage, roi: Optional[Roi], limits: PreprocessLimits
         xs, ys = points[:, 0], points[:, 1]
         if xs.max() < 0 or ys.max() < 0 or xs.min() >= width or ys.min() >= height:
             raise InvalidRoi("the polygon lies outside the {}x{} image".format(width, height))
-        # Sub-pixel precision keeps small polygons honest; clipping to the image is fillPoly's.
+        # fillPoly walks every edge's full length and its fixed point is int32: far-away vertices
+        # (legal up to 1e9) would cost seconds of CPU each or wrap around, so clip to the image first.
+        points = _clip_polygon(points, -2.0, -2.0, width + 1.0, height + 1.0)
+        if len(points) == 0:
+            return mask, "polygon"
+        # Sub-pixel precision keeps small polygons honest.
         shift = 4
         fixed = np.round(points * (1 << shift)).astype(np.int32).reshape(-1, 1, 2)
         cv2.fillPoly(mask, [fixed], 255, lineType=cv2.LINE_8, shift=shift)
