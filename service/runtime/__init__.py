@@ -16,8 +16,18 @@ from service.runtime.base import InferenceBackend
 BackendFactory = Callable[[], InferenceBackend]
 
 
+def _importable(name: str) -> bool:
+    # ``pip install tensorrt-stubs`` (for mypy) leaves a ``tensorrt/`` folder of .pyi files only,
+    # which imports as an empty namespace package (origin None): that is not TensorRT.
+    try:
+        spec = importlib.util.find_spec(name)
+    except ValueError:  # already imported without a spec (a test's fake module)
+        return True
+    return spec is not None and spec.origin not in (None, "namespace")
+
+
 def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("pycuda") is not None
+    return _importable("tensorrt") and _importable("pycuda")
 
 
 def select_backend_name(requested: str) -> str:
@@ -58,7 +68,9 @@ def resolve_engine(settings: Settings, model: ModelInfo) -> ResolvedEngine:
             raise
         from service.builders import build_engine
 
-        entry = build_engine(model.path, settings.precision, backend, settings.engine_dir)
+        # A TensorRT engine's optimization profile must cover the server's largest batch.
+        options = {"max_batch": settings.max_batch} if backend == "tensorrt" else {}
+        entry = build_engine(model.path, settings.precision, backend, settings.engine_dir, **options)
     return ResolvedEngine(entry=entry, path=Path(settings.engine_dir) / entry.file, backend=backend)
 
 

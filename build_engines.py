@@ -1,0 +1,324 @@
+"""Build, quantize, evaluate and benchmark the per-precision engines.
+
+    python build_engines.py --backend onnxruntime --precision all            # build (default command)
+    python build_engines.py --backend onnxruntime --precision int8 --if-missing
+    python build_engines.py quantize --model models/anemia_mobilenetv2.onnx --calibration-dir ../shared/data/cp-anemic
+    python build_engines.py evaluate --backend onnxruntime --out-dir reports/quantization
+    python build_engines.py benchmark --backend onnxruntime --precision all
+    python build_engines.py saturation       # u8 x s8 saturation on x86 without VNNI, simulated
+
+Engines go to ``--engine-dir`` (ANEMIA_ENGINE_DIR, default engines/) and are recorded in its
+manifest.json keyed by the FP32 model's sha256, precision, backend, device and tool version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "cp-anemic"
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+COMMANDS = ("build", "quantize", "evaluate", "benchmark", "saturation")
+
+
+def _default_model() -> Path:
+    from service.config import DEFAULT_MODEL_PATH
+
+    return Path(os.environ.get("ANEMIA_MODEL", str(DEFAULT_MODEL_PATH)))
+
+
+def _default_engine_dir() -> Path:
+    from service.config import DEFAULT_ENGINE_DIR
+
+    return Path(os.environ.get("ANEMIA_ENGINE_DIR", str(DEFAULT_ENGINE_DIR)))
+
+
+def _precisions(value: str) -> List[str]:
+    if value == "all":
+        return list(PRECISIONS)
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in chosen if v not in PRECISIONS]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError("precision must be all or a comma list of {}".format(", ".join(PRECISIONS)))
+    return chosen
+
+
+def _backend(value: str) -> str:
+    if value == "auto":
+        from service.runtime import select_backend_name
+
+        return select_backend_name("auto")
+    if value not in ("onnxruntime", "tensorrt"):
+        raise argparse.ArgumentTypeError("backend must be onnxruntime, tensorrt or auto")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", type=_backend, default="onnxruntime", help="onnxruntime (default), tensorrt or auto")
+    parser.add_argument("--model", type=Path, default=None, help="FP32 ONNX model (default: $ANEMIA_MODEL or models/anemia_mobilenetv2.onnx)")
+    parser.add_argument("--engine-dir", type=Path, default=None, help="engine directory (default: $ANEMIA_ENGINE_DIR or engines/)")
+
+
+def _add_quant_options(parser: argparse.ArgumentParser) -> None:
+    from service.quantization.int8 import CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD, DEFAULT_PERCENTILE
+
+    parser.add_argument("--calibration-dir", type=Path, action="append", default=None,
+                        help="calibration images (repeatable; default ../shared/data/cp-anemic when present)")
+    parser.add_argument("--calibration-limit", type=int, default=128, help="at most this many calibration images (random, seed 0)")
+    parser.add_argument("--method", choices=CALIBRATION_METHODS, default=DEFAULT_CALIBRATION_METHOD, help="INT8 activation calibration")
+    parser.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE)
+    parser.add_argument("--keep-float", default="", help="comma list of layers kept in float: node names, first_conv, classifier")
+    parser.add_argument("--bias-correction", action="store_true", help="analytic weight-rounding bias correction (off by default: measured no gain)")
+    parser.add_argument("--reduce-range", action="store_true", help="7-bit weights: no u8 x s8 saturation on x86 CPUs without VNNI")
+    parser.add_argument("--int4-rounding", choices=("gptq", "mse", "rtn"), default=None,
+                        help="INT4 rounding (default gptq with calibration images, else refuse: data-free INT4 collapses this model)")
+
+
+def build_parser() -> Dict[str, argparse.ArgumentParser]:
+    parsers: Dict[str, argparse.ArgumentParser] = {}
+    build = argparse.ArgumentParser(prog="python build_engines.py [build]", description="Build per-precision engines and record them in the manifest.")
+    _add_common(build)
+    build.add_argument("--precision", type=_precisions, default=list(PRECISIONS), help="all (default) or a comma list of fp32,fp16,int8,int4")
+    build.add_argument("--if-missing", action="store_true", help="keep engines the manifest already lists with an intact file")
+    build.add_argument("--int8-model", type=Path, default=None, help="calibrated INT8 Q/DQ model (default <model>.int8.onnx)")
+    build.add_argument("--max-batch", type=int, default=int(os.environ.get("ANEMIA_MAX_BATCH", "8")), help="TensorRT optimization profile maximum batch")
+    build.add_argument("--workspace-mib", type=int, default=256, help="TensorRT builder workspace limit")
+    build.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
+    build.add_argument("--calibration-dir", type=Path, action="append", default=None, help="images for INT4 GPTQ (default ../shared/data/cp-anemic)")
+    build.add_argument("--calibration-limit", type=int, default=32)
+    build.add_argument("--int4-rounding", choices=("gptq", "mse", "rtn"), default=None)
+    build.add_argument("--ort-int8-weights", choices=("auto", "s8", "u8", "s8-reduce-range"), default="auto",
+                       help="ONNX Runtime INT8 weights: auto = u8 on x86 CPUs without VNNI (no u8 x s8 saturation), else s8")
+    build.add_argument("--verbose", action="store_true")
+    parsers["build"] = build
+
+    quantize = argparse.ArgumentParser(prog="python build_engines.py quantize", description="Calibrate the INT8 Q/DQ model (<model>.int8.onnx).")
+    quantize.add_argument("--model", type=Path, default=None)
+    quantize.add_argument("--out", type=Path, default=None, help="default <model>.int8.onnx")
+    quantize.add_argument("--folds", type=Path, default=None, help="folds.json: calibrate on the images of its training folds only")
+    quantize.add_argument("--fold", type=int, default=None, help="with --folds: this fold's train+val images (default: every image in folds.json)")
+    _add_quant_options(quantize)
+    parsers["quantize"] = quantize
+
+    evaluate = argparse.ArgumentParser(prog="python build_engines.py evaluate", description="Out-of-fold evaluation of every precision, or of built engines.")
+    _add_common(evaluate)
+    evaluate.add_argument("--mode", choices=("oof", "engines"), default="oof",
+                          help="oof: per-fold models + their quantized twins on CP-AnemiC; engines: built engines on a labelled folder")
+    evaluate.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="labelled images: Anemic/ and Non-anemic/")
+    evaluate.add_argument("--folds", type=Path, default=PROJECT_ROOT / "models" / "cv" / "folds.json")
+    evaluate.add_argument("--fold-models", default=str(PROJECT_ROOT / "runs" / "cv" / "fold{k}" / "model.onnx"), help="pattern with {k}")
+    evaluate.add_argument("--oof-csv", type=Path, default=PROJECT_ROOT / "models" / "cv" / "oof_predictions.csv",
+                          help="training's OOF predictions, to cross-check the FP32 scores")
+    evaluate.add_argument("--precision", type=_precisions, default=list(PRECISIONS))
+    evaluate.add_argument("--int8-variants", default="",
+                          help="extra INT8 rows, comma list of method[+bc|+nobc][+rr][+keep] e.g. entropy,minmax+bc,percentile+rr")
+    evaluate.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "runs" / "quant-eval")
+    evaluate.add_argument("--bootstrap", type=int, default=1000)
+    evaluate.add_argument("--latency-model", type=Path, default=None, help="time this model's artifacts (default --model, else fold 0)")
+    evaluate.add_argument("--threads", type=int, default=int(os.environ.get("ANEMIA_INTRA_OP_THREADS", "0")), help="ONNX Runtime intra-op threads (0 = ORT default)")
+    evaluate.add_argument("--no-latency", dest="skip_latency", action="store_true", help="skip the latency measurement")
+    _add_quant_options(evaluate)
+    parsers["evaluate"] = evaluate
+
+    bench = argparse.ArgumentParser(prog="python build_engines.py benchmark", description="Latency and throughput of built engines with the server's backend.")
+    _add_common(bench)
+    bench.add_argument("--precision", type=_precisions, default=list(PRECISIONS))
+    bench.add_argument("--threads", type=int, default=int(os.environ.get("ANEMIA_INTRA_OP_THREADS", "0")))
+    bench.add_argument("--max-batch", type=int, default=32)
+    bench.add_argument("--runs", type=int, default=50)
+    bench.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parsers["benchmark"] = bench
+
+    sat = argparse.ArgumentParser(prog="python build_engines.py saturation",
+                                  description="Simulate the u8 x s8 int16 saturation of x86 CPUs without VNNI on an INT8 model's real activations.")
+    sat.add_argument("--model", type=Path, default=None, help="FP32 model (its <model>.int8.onnx is checked) ")
+    sat.add_argument("--int8-model", type=Path, default=None)
+    sat.add_argument("--calibration-dir", type=Path, action="append", default=None)
+    sat.add_argument("--calibration-limit", type=int, default=8)
+    sat.add_argument("--max-positions", type=int, default=2048, help="output positions sampled per layer")
+    parsers["saturation"] = sat
+    return parsers
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def calibration_paths(dirs: Optional[Sequence[Path]], limit: Optional[int], seed: int = 0) -> List[Path]:
+    from service.quantization.calibration import list_images, pick_subset
+
+    roots = list(dirs) if dirs else ([DEFAULT_DATA_DIR] if DEFAULT_DATA_DIR.is_dir() else [])
+    return pick_subset(list_images(roots), limit, seed)
+
+
+def _int8_options(args: argparse.Namespace) -> Any:
+    from service.quantization.int8 import Int8Options
+
+    keep = tuple(k.strip() for k in args.keep_float.split(",") if k.strip())
+    return Int8Options(method=args.method, percentile=args.percentile, keep_float=keep, bias_correction=args.bias_correction, reduce_range=args.reduce_range)
+
+
+def _print_entry(entry: Any, engine_dir: Path) -> None:
+    info = entry.build_info
+    extra = []
+    for key in ("calibration_method", "rounding", "size_vs_fp32"):
+        if key in info and info[key] is not None:
+            extra.append("{}={}".format(key, info[key]))
+    if info.get("int4_layers"):
+        extra.append("int4_layers={}".format(len(info["int4_layers"])))
+    print("{:5s} {:12s} {} ({:.2f} MB, {:.1f} s) {}".format(
+        entry.precision, entry.backend, Path(engine_dir) / entry.file, entry.file_size_bytes / 1e6, entry.build_seconds, " ".join(extra)))
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from service.builders import build_engine
+    from service.errors import EngineError
+    from service.model_info import ModelInfo
+    from service.quantization.calibration import load_tensors
+
+    model_path = args.model or _default_model()
+    engine_dir = args.engine_dir or _default_engine_dir()
+    options: Dict[str, Any] = {"force": not args.if_missing, "int8_model": args.int8_model}
+    if args.backend == "onnxruntime":
+        options["int8_weights"] = args.ort_int8_weights
+    if args.backend == "tensorrt":
+        options.update(max_batch=args.max_batch, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache, verbose=args.verbose)
+    failures = 0
+    for precision in args.precision:
+        started = time.perf_counter()
+        try:
+            if precision == "int4" and args.backend == "onnxruntime":
+                rounding = args.int4_rounding
+                paths = calibration_paths(args.calibration_dir, args.calibration_limit) if rounding in (None, "gptq") else []
+                if rounding is None:
+                    if not paths:
+                        raise EngineError(
+                            "INT4 needs calibration images for GPTQ rounding (data-free INT4 collapses this model's accuracy, "
+                            "see docs/quantization.md); pass --calibration-dir DIR, or --int4-rounding mse to build it anyway"
+                        )
+                    rounding = "gptq"
+                spec = ModelInfo.from_onnx(model_path).spec
+                options_int4 = dict(options, int4_rounding=rounding, int4_tensors=load_tensors(paths, spec) if paths else None)
+                entry = build_engine(model_path, precision, args.backend, engine_dir, **options_int4)
+            else:
+                entry = build_engine(model_path, precision, args.backend, engine_dir, **options)
+        except EngineError as exc:
+            failures += 1
+            print("{:5s} {:12s} FAILED: {}".format(precision, args.backend, exc.message), file=sys.stderr)
+            continue
+        _print_entry(entry, engine_dir)
+        logging.getLogger(__name__).debug("%s took %.1f s", precision, time.perf_counter() - started)
+    return 1 if failures else 0
+
+
+def _fold_ids(folds_path: Path, fold: Optional[int]) -> List[str]:
+    payload = json.loads(Path(folds_path).read_text())
+    ids: List[str] = []
+    for entry in payload["folds"]:
+        if fold is None:
+            ids.extend(entry["train_ids"] + entry["val_ids"] + entry["test_ids"])
+        elif int(entry["fold"]) == fold:
+            ids.extend(entry["train_ids"] + entry["val_ids"])
+    return sorted(set(ids))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from service.builders.onnxruntime_builder import int8_artifact_path
+    from service.model_info import ModelInfo
+    from service.quantization.calibration import list_images, load_tensors, pick_subset
+    from service.quantization.int8 import quantize_int8
+
+    model_path = args.model or _default_model()
+    model = ModelInfo.from_onnx(model_path)
+    roots = list(args.calibration_dir) if args.calibration_dir else [DEFAULT_DATA_DIR]
+    images = list_images(roots)
+    note = "images under {}".format(", ".join(str(r) for r in roots))
+    if args.folds is not None:
+        wanted = set(_fold_ids(args.folds, args.fold))
+        images = [p for p in images if p.stem in wanted]
+        note = "training images of {} ({})".format(args.folds, "fold {} train+val".format(args.fold) if args.fold is not None else "all folds")
+    chosen = pick_subset(images, args.calibration_limit, seed=0)
+    if not chosen:
+        print("no calibration images found under {}".format(", ".join(map(str, roots))), file=sys.stderr)
+        return 2
+    tensors = load_tensors(chosen, model.spec)
+    target = args.out or int8_artifact_path(model_path)
+    result = quantize_int8(model_path, target, tensors, _int8_options(args), calibration_note="{} of {} {}".format(len(chosen), len(images), note))
+    size = target.stat().st_size
+    print("wrote {} ({:.2f} MB, {:.0%} of FP32) in {:.1f} s: {} calibration, {} images, bias correction {}, kept float {}".format(
+        target, size / 1e6, size / Path(model_path).stat().st_size, result.seconds, result.info["calibration_method"],
+        result.info["calibration_images"], result.info["bias_correction"], result.info["kept_float"] or "none"))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from service.quantization.oof import run_engines_evaluation, run_oof_evaluation
+
+    if args.mode == "oof":
+        return run_oof_evaluation(args, sys.argv)
+    return run_engines_evaluation(args, sys.argv)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from service.quantization.oof import run_benchmark
+
+    return run_benchmark(args)
+
+
+def cmd_saturation(args: argparse.Namespace) -> int:
+    from service.builders.onnxruntime_builder import int8_artifact_path
+    from service.model_info import ModelInfo
+    from service.quantization.calibration import load_tensors
+    from service.quantization.saturation import saturation_markdown, saturation_report
+
+    model_path = args.model or _default_model()
+    int8 = args.int8_model or int8_artifact_path(model_path)
+    paths = calibration_paths(args.calibration_dir, args.calibration_limit)
+    if not paths:
+        print("no images: pass --calibration-dir", file=sys.stderr)
+        return 2
+    rows = saturation_report(int8, load_tensors(paths, ModelInfo.from_onnx(model_path).spec), args.max_positions)
+    print("u8 x s8 vpmaddubsw simulation on {} ({} images, <= {} positions per layer)".format(int8, len(paths), args.max_positions))
+    print(saturation_markdown(rows))
+    if rows:
+        worst = max(rows, key=lambda r: r["affected_outputs"])
+        print("\nlayers with saturation: {} of {}; worst {}: {:.2%} of outputs, max relative error {:.2e}; with reduce_range: {} layers".format(
+            sum(r["saturated_pairs"] > 0 for r in rows), len(rows), worst["layer"], worst["affected_outputs"], worst["rel_error_max"],
+            sum(r["rr_saturated_pairs"] > 0 for r in rows)))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "build"
+    if argv and argv[0] in COMMANDS:
+        command = argv.pop(0)
+    args = build_parser()[command].parse_args(argv)
+    logging.basicConfig(level=logging.INFO if command != "build" else logging.WARNING, format="%(message)s")
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    from service.errors import ServiceError
+
+    try:
+        commands = {"build": cmd_build, "quantize": cmd_quantize, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark, "saturation": cmd_saturation}
+        return commands[command](args)
+    except ServiceError as exc:
+        print("error: {}".format(exc.message), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(PROJECT_ROOT))
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The benchmark scripts, run once each in smoke mode: they must keep working, not be fast.
+
+No timing is asserted (CI shares its CPU); what is checked is that every request was answered,
+that our server's stage breakdown came back from ``/metrics``, and that the FLOP count of a graph
+whose arithmetic is known by hand comes out exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+from benchmarks.inference import count_flops
+from benchmarks.load import PEERS_VENV, Sample, ratios_and_goals, summarize
+from service.builders import build_engine
+from tests.images import conjunctiva_rgba, encode
+from tests.model_factory import make_test_model
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = make_test_model(tmp_path_factory.mktemp("bench-model") / "model.onnx", width=8)
+    build_engine(model, "fp32", "onnxruntime", model.parent / "engines")
+    return model
+
+
+@pytest.fixture(scope="module")
+def bench_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("bench-images")
+    for seed in range(4):
+        (directory / "crop_{}.png".format(seed)).write_bytes(encode(conjunctiva_rgba(seed=seed, red=150 + 20 * seed)))
+    return directory
+
+
+def run_script(module: str, args: List[str], timeout_seconds: float = 120.0) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", module] + args, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=timeout_seconds
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def test_flops_of_the_test_model_match_the_hand_count(bench_model: Path) -> None:
+    width, side = 8, 112  # stride-2 stem on 224x224
+    stem = side * side * width * (3 * 3 * 3)
+    depthwise = side * side * width * (3 * 3)
+    pointwise = side * side * width * width
+    head = width
+    flops = count_flops(bench_model, 224)
+    assert flops["flops_per_image"] == 2 * (stem + depthwise + pointwise + head)
+    assert flops["by_op"]["Gemm"] == 2 * head
+
+
+def test_inference_smoke(bench_model: Path, bench_images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "inference.json"
+    run_script(
+        "benchmarks.inference",
+        ["--smoke", "--model", str(bench_model), "--engine-dir", str(bench_model.parent / "engines"), "--images", str(bench_images),
+         "--threads", "1", "--out-json", str(out), "--out-md", str(tmp_path / "inference.md")],
+    )
+    report = json.loads(out.read_text())
+    engines = {e["precision"]: e for e in report["engines"]}
+    assert "fp32" in engines
+    assert [row["batch"] for row in engines["fp32"]["rows"]] == [1, 2]
+    assert all(row["median_ms"] > 0 and row["floor_ms"] > 0 for e in engines.values() for row in e["rows"])
+    assert engines["fp32"]["file_size_bytes"] == bench_model.stat().st_size  # fp32 engine is a copy
+    assert report["gemm"]["fp32_gflops"] > 0
+    assert "| fp32 | onnxruntime |" in (tmp_path / "inference.md").read_text()
+
+
+def _load_report(bench_model: Path, bench_images: Path, tmp_path: Path, servers: str) -> Dict[str, Any]:
+    run_script(
+        "benchmarks.load",
+        ["--smoke", "--servers", servers, "--model", str(bench_model), "--engine-dir", str(bench_model.parent / "engines"),
+         "--images", str(bench_images), "--out-dir", str(tmp_path), "--plot", str(tmp_path / "plot.png")],
+        timeout_seconds=180.0,
+    )
+    return dict(json.loads((tmp_path / "load.json").read_text()))
+
+
+@pytest.mark.slow
+def test_load_smoke_ours_and_plain(bench_model: Path, bench_images: Path, tmp_path: Path) -> None:
+    report = _load_report(bench_model, bench_images, tmp_path, "ours,plain")
+    assert set(report["servers"]) == {"ours", "plain"}
+    for name, result in report["servers"].items():
+        assert [level["concurrency"] for level in result["levels"]] == [1, 4], name
+        for level in result["levels"]:
+            assert level["errors"] == 0 and level["ok"] == level["requests"], (name, level["statuses"])
+        assert result["open_loop"]["requests"] > 0
+    stages = report["servers"]["ours"]["levels"][0]["stages"]
+    assert stages["batches"] >= 1 and stages["inference_mean_ms"] > 0  # read back from /metrics
+    assert report["summary"]["goals"]["no_errors_below_capacity"]["met"] is True
+    # Same model file, same preprocessing: both servers give the same probability for one picture.
+    assert report["summary"]["same_answer"]["max_abs_difference"] < 1e-6
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (PEERS_VENV / "bin" / "python").is_file(), reason="no .venv-peers (BentoML, LitServe): see benchmarks/peers/requirements.txt")
+def test_load_smoke_bentoml_litserve_and_ours_on_uvloop(bench_model: Path, bench_images: Path, tmp_path: Path) -> None:
+    report = _load_report(bench_model, bench_images, tmp_path, "bentoml,litserve,ours-uvloop")
+    assert set(report["servers"]) == {"bentoml", "litserve", "ours-uvloop"}
+    assert report["summary"]["same_answer"]["max_abs_difference"] < 1e-6
+    for name, result in report["servers"].items():
+        for level in result["levels"]:
+            assert level["errors"] == 0 and level["ok"] == level["requests"], (name, level["statuses"])
+
+
+def test_summary_percentiles_and_errors() -> None:
+    samples = [Sample(200, ms / 1000.0) for ms in range(1, 101)] + [Sample(503, 0.001, "1"), Sample(0, 0.5, error="ReadTimeout")]
+    summary = summarize(samples, wall_seconds=2.0)
+    assert summary["ok"] == 100 and summary["errors"] == 2
+    assert summary["statuses"] == {"200": 100, "503": 1, "ReadTimeout": 1}
+    assert summary["throughput_rps"] == pytest.approx(50.0)
+    assert summary["p50_ms"] == pytest.approx(50.5)
+
+
+def test_ratios_and_goals() -> None:
+    def server(rps_c16: float, p99_c1: float, p50_c1: float, errors: int = 0) -> Dict[str, Any]:
+        return {
+            "levels": [
+                {"concurrency": 1, "throughput_rps": 10.0, "p50_ms": p50_c1, "p99_ms": p99_c1, "errors": 0},
+                {"concurrency": 16, "throughput_rps": rps_c16, "p50_ms": 50.0, "p99_ms": 90.0, "errors": errors},
+            ]
+        }
+
+    results = {"ours": server(300.0, 12.0, 10.0), "plain": server(150.0, 24.0, 9.0), "bentoml": server(310.0, 30.0, 20.0)}
+    summary = ratios_and_goals(results, raw_ms=8.5, concurrency_ratio=16)
+    assert summary["ratios"]["plain"] == {"throughput_c16": 2.0, "p99_c1": 0.5}
+    goals = summary["goals"]
+    assert goals["single_request"]["met"] is True  # 10.0 <= 8.5 + 2
+    assert goals["throughput_c16"]["plain"]["met"] is True
+    assert goals["throughput_c16"]["bentoml"]["met"] is False  # behind BentoML
+    assert goals["no_errors_below_capacity"]["met"] is True

@@ -1,0 +1,578 @@
+"""Fine-tune MobileNetV2 on CP-AnemiC: stratified k-fold CV, then a final fit on all images.
+
+``python -m training.train`` with its defaults reproduces ``models/MODEL_CARD.md``:
+
+1. Stratified 5-fold CV (seed 42). In each fold a stratified 15% of the training folds is carved
+   out as validation; early stopping (patience 10 on validation F1 at 0.5) and the decision
+   threshold (max F1 on validation) use only it, never the test fold.
+2. The test fold's probabilities form the out-of-fold (OOF) predictions; metrics per fold and
+   pooled, with 95% bootstrap intervals, and subgroups (gender, age band, hospital).
+3. Final model: all images, for the median of the folds' best epoch counts, with the median of
+   the folds' validation thresholds; exported to ONNX with the service's contract.
+
+Every epoch writes a checkpoint; an interrupted run continues where it stopped when started
+again with the same arguments (``--no-resume`` starts over). Seeds are fixed per fold and epoch,
+so a resumed run draws the same batches and augmentations as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from torch import nn
+from tqdm import tqdm
+
+from service.preprocess import PreprocessSpec
+from training.data import DEFAULT_DATA_DIR, AugmentConfig, Dataset, augment_batch, load_dataset
+from training.export import export_onnx
+from training.metrics import bootstrap_metrics, choose_threshold, point_metrics, subgroup_table
+from training.mobilenetv2 import MobileNetV2
+from training.tflite_weights import DEFAULT_TFLITE_PATH, load_imagenet_weights, unfold_batchnorm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG = logging.getLogger("training")
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = str(DEFAULT_DATA_DIR)
+    weights: str = str(DEFAULT_TFLITE_PATH)
+    run_dir: str = str(REPO_ROOT / "runs")  # checkpoints, per-fold models, logs (git-ignored)
+    cv_dir: str = str(REPO_ROOT / "models" / "cv")  # folds.json, oof_predictions.csv, cv_metrics.json
+    output: str = str(REPO_ROOT / "models" / "anemia_mobilenetv2.onnx")
+    version: str = "1.0.0"
+    folds: int = 5
+    seed: int = 42
+    val_fraction: float = 0.15
+    max_epochs: int = 40  # the study allows 150; 2 shared CPU cores allow this many (see the card)
+    patience: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    width: float = 1.0
+    input_size: int = 224
+    subset: Optional[int] = None
+    pretrained: bool = True
+    color_aug: bool = False
+    bf16: bool = True  # autocast for training on CPUs with AMX/AVX512-BF16 (measured ~1.7x, see card)
+    channels_last: bool = True
+    threads: int = 2
+    # features.0..6 (to 28x28) stay ImageNet and frozen; 7..18 + head train (0 = everything)
+    train_from: int = 7
+    bank_views: int = 8  # augmented views per image precomputed through the frozen trunk
+    final: bool = True
+    resume: bool = True
+    bootstrap: int = 2000
+    calibration_images: int = 256  # BN statistics of the folded ImageNet weights (training images)
+    progress: bool = True
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(input_size=self.input_size)
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    best_epoch: int
+    epochs_run: int
+    threshold: float
+    val_f1: float
+    test_indices: List[int]
+    test_probs: List[float]
+    seconds: float
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# model and one epoch
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def make_model(cfg: TrainConfig) -> MobileNetV2:
+    """The binary MobileNetV2 with the ImageNet backbone (BN still folded) and a fresh head."""
+    model = MobileNetV2(num_classes=1, width_mult=cfg.width, tf_padding=True)
+    if cfg.pretrained:
+        if cfg.width != 1.0:
+            raise ValueError("ImageNet weights exist for width 1.0 only; use --no-pretrained with --width")
+        load_imagenet_weights(model, cfg.weights)
+    return model
+
+
+def split_model(model: MobileNetV2, train_from: int) -> Tuple[nn.Sequential, nn.Sequential]:
+    """(frozen trunk ``features[:train_from]``, trained tail: the rest + pool + classifier); shared modules."""
+    trunk = model.features[:train_from]
+    tail = nn.Sequential(model.features[train_from:], nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier)
+    return trunk, tail  # type: ignore[return-value]
+
+
+@dataclass
+class FeatureBank:
+    """What the tail is trained on: the frozen trunk's outputs, computed once per image.
+
+    ``clean`` holds the outputs for the unaugmented inputs (validation, test, BN statistics);
+    ``augmented`` K more per image, each from an independent random augmentation of the input, so
+    every epoch can draw a different view without running the trunk again. With ``train_from = 0``
+    there is no trunk: ``clean`` is the images and augmentation happens on the fly.
+    """
+
+    clean: torch.Tensor  # N x C x H x W
+    augmented: Optional[torch.Tensor]  # K x N x C x H x W, or None
+
+
+@torch.no_grad()
+def build_feature_bank(cfg: TrainConfig, data: Dataset) -> FeatureBank:
+    if cfg.train_from == 0:
+        return FeatureBank(clean=data.images, augmented=None)
+    key_source = json.dumps(
+        [data.sha256, asdict(cfg.spec), cfg.train_from, cfg.bank_views, cfg.seed, cfg.color_aug, cfg.width, cfg.pretrained, Path(cfg.weights).name]
+    )
+    cache = Path(cfg.run_dir) / "cache" / "bank-{}.pt".format(hashlib.sha256(key_source.encode()).hexdigest()[:16])
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=False)
+        LOG.info("feature bank: read %s", cache)
+        return FeatureBank(clean=saved["clean"], augmented=saved["augmented"])
+    trunk, _tail = split_model(make_model(cfg), cfg.train_from)
+    trunk.eval()
+    augment = AugmentConfig(color=cfg.color_aug)
+    n = len(data.records)
+    chunks: List[List[torch.Tensor]] = [[] for _ in range(cfg.bank_views + 1)]
+    started = time.time()
+    batch = 32
+    for start in tqdm(range(0, n, batch), desc="feature bank", disable=not cfg.progress, file=sys.stderr):
+        images = data.images[start : start + batch]
+        chunks[0].append(trunk(images))
+        for view in range(cfg.bank_views):
+            # one generator per (view, batch start): the bank does not depend on the batch loop order
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + view * 10_007 + start)
+            chunks[view + 1].append(trunk(augment_batch(images, augment, generator)))
+    clean = torch.cat(chunks[0])
+    augmented = torch.stack([torch.cat(c) for c in chunks[1:]]) if cfg.bank_views else None
+    LOG.info("feature bank: %d images x %d views of %s in %.0f s", n, cfg.bank_views + 1, tuple(clean.shape[1:]), time.time() - started)
+    _save_atomic({"clean": clean, "augmented": augmented}, cache)
+    return FeatureBank(clean=clean, augmented=augmented)
+
+
+def _autocast(cfg: TrainConfig, dev: torch.device) -> Any:
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
+def _prepare(x: torch.Tensor, cfg: TrainConfig, dev: torch.device) -> torch.Tensor:
+    x = x.to(dev)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+def train_one_epoch(
+    tail: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    bank: FeatureBank,
+    train_idx: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int,
+    bar_label: str,
+) -> float:
+    dev = next(tail.parameters()).device
+    tail.train()
+    torch.manual_seed(seed)  # dropout
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_idx), generator=generator)
+    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    batches = [b for b in batches if len(b) > 1]  # BatchNorm needs two samples in train mode
+    augment = AugmentConfig(color=cfg.color_aug)
+    total_loss, seen = 0.0, 0
+    for batch in tqdm(batches, desc=bar_label, leave=False, disable=not cfg.progress, file=sys.stderr):
+        index = train_idx[batch]
+        if bank.augmented is not None:
+            views = bank.augmented.shape[0]
+            view = torch.randint(0, views + 1, (len(index),), generator=generator)  # views = clean
+            x = bank.augmented[view.clamp(max=views - 1), index]
+            x[view == views] = bank.clean[index[view == views]]
+        else:
+            x = augment_batch(bank.clean[index], augment, generator)
+        y = labels[batch].to(dev).float().unsqueeze(1)
+        with _autocast(cfg, dev):
+            logits = tail(_prepare(x, cfg, dev))
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(batch)
+        seen += len(batch)
+    return total_loss / max(seen, 1)
+
+
+@torch.no_grad()
+def predict(tail: nn.Module, inputs: torch.Tensor, cfg: TrainConfig, batch_size: int = 64) -> np.ndarray:
+    """Probabilities in float32 (no autocast), as the exported model computes them."""
+    dev = next(tail.parameters()).device
+    tail.eval()
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        out.append(torch.sigmoid(tail(_prepare(inputs[start : start + batch_size], cfg, dev)).float()).cpu().numpy()[:, 0])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def fit(
+    cfg: TrainConfig,
+    data: Dataset,
+    bank: FeatureBank,
+    train_idx: Sequence[int],
+    val_idx: Optional[Sequence[int]],
+    epochs: int,
+    checkpoint: Path,
+    seed: int,
+    label: str,
+) -> Tuple[MobileNetV2, nn.Module, Dict[str, Any]]:
+    """Train the tail; with ``val_idx`` early-stop on validation F1 and keep the best epoch's weights."""
+    dev = device()
+    model = make_model(cfg)
+    trunk, tail = split_model(model, cfg.train_from)
+    for parameter in trunk.parameters():
+        parameter.requires_grad_(False)
+    train_index = torch.as_tensor(list(train_idx), dtype=torch.long)
+    resuming = cfg.resume and checkpoint.is_file()
+    if cfg.pretrained and not resuming:
+        # a resumed run overwrites these weights with the checkpoint's, so skip the pass then
+        unfold_batchnorm(tail, bank.clean[train_index[: cfg.calibration_images]])
+    model = model.to(dev)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = torch.optim.Adam([p for p in tail.parameters() if p.requires_grad], lr=cfg.lr)
+    state: Dict[str, Any] = {"epoch": 0, "best_f1": -1.0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    best_weights: Optional[Dict[str, torch.Tensor]] = None
+    if resuming:
+        saved = torch.load(checkpoint, map_location=dev, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        best_weights = saved["best_weights"]
+        state = saved["state"]
+        LOG.info("%s: resumed from %s at epoch %d", label, checkpoint, state["epoch"])
+    labels = torch.from_numpy(data.labels[list(train_idx)])
+    val_inputs = bank.clean[list(val_idx)] if val_idx is not None else None
+    val_labels = data.labels[list(val_idx)] if val_idx is not None else None
+    bar = tqdm(total=epochs, initial=state["epoch"], desc=label, disable=not cfg.progress, file=sys.stderr)
+    while state["epoch"] < epochs and (val_idx is None or state["bad_epochs"] < cfg.patience):
+        epoch = state["epoch"] + 1
+        started = time.time()
+        train_loss = train_one_epoch(tail, optimizer, bank, train_index, labels, cfg, seed * 1000 + epoch, "{} ep{}".format(label, epoch))
+        record: Dict[str, float] = {"epoch": epoch, "train_loss": train_loss}
+        if val_inputs is not None and val_labels is not None:
+            probs = predict(tail, val_inputs, cfg)
+            val = point_metrics(val_labels, probs, np.full(probs.shape, 0.5))
+            record.update({"val_loss": val["loss"], "val_f1": val["f1"], "val_acc": val["accuracy"], "val_auc": val["auc"]})
+            improved = val["f1"] > state["best_f1"] + 1e-9 or (
+                abs(val["f1"] - state["best_f1"]) <= 1e-9 and val["loss"] < state["best_loss"]
+            )
+            if improved:
+                state.update(best_f1=val["f1"], best_loss=val["loss"], best_epoch=epoch, bad_epochs=0)
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                state["bad_epochs"] += 1
+        record["seconds"] = time.time() - started
+        state["epoch"] = epoch
+        state["history"].append(record)
+        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_weights": best_weights, "state": state}, checkpoint)
+        LOG.info("%s epoch %d: %s", label, epoch, " ".join("{}={:.4f}".format(k, v) for k, v in record.items() if k != "epoch"))
+        bar.update(1)
+        bar.set_postfix({k: round(v, 3) for k, v in record.items() if k in ("train_loss", "val_f1", "val_auc")})
+    bar.close()
+    if val_idx is not None and best_weights is not None:
+        model.load_state_dict(best_weights)
+    else:
+        state["best_epoch"] = state["epoch"]
+    return model, tail, state
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-validation
+
+
+def make_folds(data: Dataset, cfg: TrainConfig) -> List[Dict[str, List[int]]]:
+    """Stratified k folds; validation = stratified ``val_fraction`` of each fold's training part."""
+    labels = data.labels
+    splitter = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
+    folds = []
+    for k, (train_all, test) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        train, val = train_test_split(
+            train_all, test_size=cfg.val_fraction, stratify=labels[train_all], random_state=cfg.seed + k
+        )
+        folds.append({"train": sorted(int(i) for i in train), "val": sorted(int(i) for i in val), "test": sorted(int(i) for i in test)})
+    return folds
+
+
+def write_folds(data: Dataset, folds: List[Dict[str, List[int]]], cfg: TrainConfig, path: Path) -> None:
+    ids = data.image_ids
+    _write_json(
+        {
+            "seed": cfg.seed,
+            "n_folds": cfg.folds,
+            "val_fraction": cfg.val_fraction,
+            "training_data_sha256": data.sha256,
+            "folds": [
+                {
+                    "fold": k,
+                    "train_ids": [ids[i] for i in fold["train"]],
+                    "val_ids": [ids[i] for i in fold["val"]],
+                    "test_ids": [ids[i] for i in fold["test"]],
+                }
+                for k, fold in enumerate(folds)
+            ],
+        },
+        path,
+    )
+
+
+def write_oof(data: Dataset, results: List[FoldResult], path: Path) -> None:
+    rows = []
+    for result in results:
+        for index, prob in zip(result.test_indices, result.test_probs):
+            record = data.records[index]
+            rows.append((record.image_id, result.fold, record.label, record.hb_g_dl, prob, result.threshold))
+    rows.sort()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "fold", "label", "hb", "probability", "threshold"])
+        for image_id, fold, label, hb, prob, threshold in rows:
+            writer.writerow([image_id, fold, label, "{:.1f}".format(hb), "{:.6f}".format(prob), "{:.6f}".format(threshold)])
+    os.replace(tmp, path)
+
+
+def run_fold(cfg: TrainConfig, data: Dataset, bank: FeatureBank, k: int, fold: Dict[str, List[int]]) -> FoldResult:
+    fold_dir = Path(cfg.run_dir) / "cv" / "fold{}".format(k)
+    result_path = fold_dir / "result.json"
+    if cfg.resume and result_path.is_file():
+        LOG.info("fold %d: already done (%s)", k, result_path)
+        return FoldResult(**json.loads(result_path.read_text()))
+    started = time.time()
+    model, tail, state = fit(cfg, data, bank, fold["train"], fold["val"], cfg.max_epochs, fold_dir / "checkpoint.pt", cfg.seed + 100 * (k + 1), "fold {}".format(k))
+    val_probs = predict(tail, bank.clean[fold["val"]], cfg)
+    threshold = choose_threshold(data.labels[fold["val"]], val_probs)
+    test_probs = predict(tail, bank.clean[fold["test"]], cfg)
+    result = FoldResult(
+        fold=k,
+        best_epoch=int(state["best_epoch"]),
+        epochs_run=int(state["epoch"]),
+        threshold=threshold,
+        val_f1=float(state["best_f1"]),
+        test_indices=list(fold["test"]),
+        test_probs=[float(p) for p in test_probs],
+        seconds=time.time() - started,
+        history=state["history"],
+    )
+    diff = export_onnx(
+        model.cpu(), fold_dir / "model.onnx", cfg.spec, threshold, "{}-fold{}".format(cfg.version, k), data.sha256,
+        extra_metadata={"cv_fold": str(k)},
+    )
+    LOG.info("fold %d: best epoch %d of %d, threshold %.4f, exported (|ORT-torch| %.1e)", k, result.best_epoch, result.epochs_run, threshold, diff)
+    _write_json(asdict(result), result_path)
+    return result
+
+
+def summarize(data: Dataset, results: List[FoldResult], cfg: TrainConfig) -> Dict[str, Any]:
+    per_fold = []
+    all_idx: List[int] = []
+    all_probs: List[float] = []
+    all_thr: List[float] = []
+    for result in results:
+        labels = data.labels[result.test_indices]
+        probs = np.asarray(result.test_probs)
+        stats = bootstrap_metrics(labels, probs, np.full(probs.shape, result.threshold), n_boot=cfg.bootstrap, seed=cfg.seed)
+        per_fold.append({"fold": result.fold, "n": len(labels), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "threshold": result.threshold, "metrics": stats})
+        all_idx += result.test_indices
+        all_probs += result.test_probs
+        all_thr += [result.threshold] * len(labels)
+    labels = data.labels[all_idx]
+    probs, thresholds = np.asarray(all_probs), np.asarray(all_thr)
+    records = [data.records[i] for i in all_idx]
+    pooled = bootstrap_metrics(labels, probs, thresholds, n_boot=cfg.bootstrap, seed=cfg.seed)
+    pooled_at_half = point_metrics(labels, probs, np.full(probs.shape, 0.5))
+    subgroups = {
+        "gender": subgroup_table(labels, probs, thresholds, [r.gender for r in records], n_boot=cfg.bootstrap // 2, seed=cfg.seed),
+        "age_band": subgroup_table(labels, probs, thresholds, [r.age_band for r in records], n_boot=cfg.bootstrap // 2, seed=cfg.seed),
+        "hospital": subgroup_table(labels, probs, thresholds, [r.hospital for r in records], n_boot=cfg.bootstrap // 2, seed=cfg.seed),
+    }
+    return {
+        "n_images": len(all_idx),
+        "per_fold": per_fold,
+        "pooled_oof": pooled,
+        "pooled_oof_at_0.5": pooled_at_half,
+        "subgroups": subgroups,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "weights", "run_dir", "cv_dir", "output", "progress", "resume")},
+        "training_data_sha256": data.sha256,
+    }
+
+
+# settings that do not change what is trained
+_RUN_IRRELEVANT = ("progress", "resume", "threads", "bootstrap", "cv_dir", "output", "version", "final")
+
+
+def _check_run_config(cfg: TrainConfig) -> None:
+    """Refuse to resume checkpoints written by a different configuration."""
+    path = Path(cfg.run_dir) / "cv" / "config.json"
+    current = {k: v for k, v in asdict(cfg).items() if k not in _RUN_IRRELEVANT}
+    if path.is_file() and cfg.resume:
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if changed:
+            raise SystemExit(
+                "{} holds a run with other settings ({}); pass --no-resume to start over or use another --run-dir".format(
+                    Path(cfg.run_dir) / "cv", ", ".join(changed)
+                )
+            )
+    if not cfg.resume and (Path(cfg.run_dir) / "cv").is_dir():
+        for stale in sorted((Path(cfg.run_dir) / "cv").glob("fold*/*")) + sorted((Path(cfg.run_dir) / "final").glob("*")):
+            if stale.name in ("checkpoint.pt", "result.json"):
+                stale.unlink()
+    _write_json(current, path)
+
+
+def cross_validate(cfg: TrainConfig, data: Dataset, bank: FeatureBank) -> Tuple[List[FoldResult], Dict[str, Any]]:
+    cv_dir = Path(cfg.cv_dir)
+    folds = make_folds(data, cfg)
+    write_folds(data, folds, cfg, cv_dir / "folds.json")
+    _check_run_config(cfg)
+    results: List[FoldResult] = []
+    for k, fold in enumerate(tqdm(folds, desc="folds", disable=not cfg.progress, file=sys.stderr)):
+        results.append(run_fold(cfg, data, bank, k, fold))
+        write_oof(data, results, cv_dir / "oof_predictions.csv")
+    summary = summarize(data, results, cfg)
+    _write_json(summary, cv_dir / "cv_metrics.json")
+    return results, summary
+
+
+def final_fit(cfg: TrainConfig, data: Dataset, bank: FeatureBank, results: List[FoldResult], summary: Dict[str, Any]) -> Path:
+    epochs = int(round(float(np.median([r.best_epoch for r in results]))))
+    threshold = float(np.median([r.threshold for r in results]))
+    LOG.info("final fit: %d images, %d epochs (median best epoch), threshold %.4f (median validation threshold)", len(data.records), epochs, threshold)
+    model, _tail, _state = fit(cfg, data, bank, list(range(len(data.records))), None, epochs, Path(cfg.run_dir) / "final" / "checkpoint.pt", cfg.seed, "final")
+    pooled = summary["pooled_oof"]
+    cv_metrics = {
+        "folds": cfg.folds,
+        "seed": cfg.seed,
+        "pooled_oof": {name: [round(v["value"], 4), round(v["ci_low"], 4), round(v["ci_high"], 4)] for name, v in pooled.items()},
+        "final_epochs": epochs,
+    }
+    diff = export_onnx(
+        model.cpu(), Path(cfg.output), cfg.spec, threshold, cfg.version, data.sha256, cv_metrics,
+        extra_metadata={"training": json.dumps({"images": len(data.records), "epochs": epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "color_aug": cfg.color_aug})},
+    )
+    LOG.info("final model exported to %s (|ORT-torch| %.1e)", cfg.output, diff)
+    _write_json({"epochs": epochs, "threshold": threshold, "ort_max_abs_diff": diff, "output": _relative(Path(cfg.output))}, Path(cfg.cv_dir) / "final.json")
+    return Path(cfg.output)
+
+
+def _relative(path: Path) -> str:
+    """A path relative to the repository when inside it (committed files should not name a machine)."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def setup_logging(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    LOG.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == (run_dir / "progress.log").resolve() for h in LOG.handlers):
+        handler = logging.FileHandler(run_dir / "progress.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        LOG.addHandler(handler)
+
+
+def run(cfg: TrainConfig) -> Dict[str, Any]:
+    torch.set_num_threads(cfg.threads)
+    setup_logging(Path(cfg.run_dir))
+    LOG.info("config: %s", json.dumps(asdict(cfg)))
+    data = load_dataset(Path(cfg.data_dir), cfg.spec, cache_dir=Path(cfg.run_dir) / "cache", limit=cfg.subset)
+    LOG.info("data: %d images (%d anemic), sha256 %s", len(data.records), int(data.labels.sum()), data.sha256)
+    bank = build_feature_bank(cfg, data)
+    results, summary = cross_validate(cfg, data, bank)
+    pooled = summary["pooled_oof"]
+    LOG.info("pooled OOF: %s", " ".join("{}={:.4f}".format(k, v["value"]) for k, v in pooled.items()))
+    if cfg.final:
+        final_fit(cfg, data, bank, results, summary)
+    return summary
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=d.data_dir, help="CP-AnemiC folder (Anemic/, Non-anemic/, the CSV sheet)")
+    p.add_argument("--weights", default=d.weights, help="ImageNet MobileNetV2 .tflite")
+    p.add_argument("--run-dir", default=d.run_dir, help="checkpoints, per-fold ONNX models, progress.log")
+    p.add_argument("--cv-dir", default=d.cv_dir, help="folds.json, oof_predictions.csv, cv_metrics.json")
+    p.add_argument("--output", default=d.output, help="final ONNX model")
+    p.add_argument("--version", default=d.version)
+    p.add_argument("--folds", type=int, default=d.folds)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--epochs", type=int, default=d.max_epochs, help="maximum epochs per fold")
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--width", type=float, default=d.width, help="width multiplier (tiny models need --no-pretrained)")
+    p.add_argument("--input-size", type=int, default=d.input_size)
+    p.add_argument("--subset", type=int, default=None, help="use only N images (tests, smoke runs)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false")
+    p.add_argument("--color-aug", action="store_true", help="mild colour jitter inside the ROI")
+    p.add_argument("--fp32", dest="bf16", action="store_false", help="train without bf16 autocast")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--train-from", type=int, default=d.train_from, help="first trained features.N block (0 = full fine-tune)")
+    p.add_argument("--bank-views", type=int, default=d.bank_views, help="augmented views per image in the feature bank")
+    p.add_argument("--no-final", dest="final", action="store_false", help="cross-validate only")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the intervals")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    return TrainConfig(
+        data_dir=a.data_dir, weights=a.weights, run_dir=a.run_dir, cv_dir=a.cv_dir, output=a.output, version=a.version,
+        folds=a.folds, seed=a.seed, max_epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
+        width=a.width, input_size=a.input_size, subset=a.subset, pretrained=a.pretrained, color_aug=a.color_aug,
+        bf16=a.bf16, channels_last=a.channels_last, threads=a.threads, train_from=a.train_from, bank_views=a.bank_views, final=a.final, resume=a.resume,
+        bootstrap=a.bootstrap, progress=a.progress,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_args(argv)
+    summary = run(cfg)
+    pooled = summary["pooled_oof"]
+    print("pooled out-of-fold ({} images): ".format(summary["n_images"]) + ", ".join("{} {:.4f}".format(k, v["value"]) for k, v in pooled.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
