@@ -97,7 +97,8 @@ def build_parser() -> Dict[str, argparse.ArgumentParser]:
     build.add_argument("--calibration-limit", type=int, default=32)
     build.add_argument("--int4-rounding", choices=("gptq", "mse", "rtn"), default=None)
     build.add_argument("--ort-int8-weights", choices=("auto", "s8", "u8", "s8-reduce-range"), default="auto",
-                       help="ONNX Runtime INT8 weights: auto = u8 on x86 CPUs without VNNI (no u8 x s8 saturation), else s8")
+                       help="ONNX Runtime INT8 weights: auto/s8 = as committed; u8 or s8-reduce-range avoid the u8 x s8 saturation "
+                            "of x86 CPUs without VNNI (measured: both cost more accuracy than the saturation, docs/quantization.md)")
     build.add_argument("--verbose", action="store_true")
     parsers["build"] = build
 
@@ -120,7 +121,8 @@ def build_parser() -> Dict[str, argparse.ArgumentParser]:
                           help="training's OOF predictions, to cross-check the FP32 scores")
     evaluate.add_argument("--precision", type=_precisions, default=list(PRECISIONS))
     evaluate.add_argument("--int8-variants", default="",
-                          help="extra INT8 rows, comma list of method[+bc|+nobc][+rr][+keep] e.g. entropy,minmax+bc,percentile+rr")
+                          help="extra INT8 rows, comma list of method[+bc|+nobc][+rr][+keep][+qdq] e.g. entropy,minmax+bc,percentile+rr,minmax+qdq "
+                               "(+qdq: the committed Q/DQ form, TensorRT's arithmetic, instead of ONNX Runtime's layout)")
     evaluate.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "runs" / "quant-eval")
     evaluate.add_argument("--bootstrap", type=int, default=1000)
     evaluate.add_argument("--latency-model", type=Path, default=None, help="time this model's artifacts (default --model, else fold 0)")

@@ -80,12 +80,14 @@ def parse_variants(precisions: Sequence[str], extra: str) -> List[Variant]:
                 options["bias_correction"] = False
             elif flag == "bc":
                 options["bias_correction"] = True
+            elif flag == "qdq":
+                options["form"] = "qdq"
             elif flag == "rr":
                 options["reduce_range"] = True
             elif flag == "keep":
                 options["keep_float"] = ("first_conv", "classifier")
             else:
-                raise ValueError("unknown INT8 variant flag {!r} in {!r} (bc, nobc, rr, keep)".format(flag, spec))
+                raise ValueError("unknown INT8 variant flag {!r} in {!r} (bc, nobc, rr, keep, qdq)".format(flag, spec))
         variants.append(Variant("int8[{}]".format(spec), "int8", options))
     return variants
 

@@ -70,8 +70,10 @@ def derive_ort_int8(fp32_path: Path, committed_path: Path, target: Path, weights
     ``u8`` = asymmetric u8 weights, which ONNX Runtime runs with its u8 x u8 kernels (exact int32
     sums) - for x86 CPUs without VNNI, where s8 weights saturate the u8 x s8 kernels' int16 pair
     sums (:mod:`service.quantization.saturation`); ``s8-reduce-range`` = 7-bit weights, the other
-    classic fix (measured worse here, docs/quantization.md); ``auto`` = ``u8`` on x86 without
-    VNNI, else ``s8`` (``s8-reduce-range`` if the committed model was made with reduce_range).
+    classic fix; ``auto`` = ``s8`` (``s8-reduce-range`` if the committed model was made with
+    reduce_range). Auto does not switch on CPUs without VNNI because, measured on the shipped model
+    with ONNX Runtime's own AVX2 kernels (docs/quantization.md), saturation cost less agreement
+    with FP32 than either fix; the build records when the CPU is affected.
     """
     from service.quantization.saturation import x86_without_vnni
 
@@ -81,8 +83,9 @@ def derive_ort_int8(fp32_path: Path, committed_path: Path, target: Path, weights
     meta = g.quantization_metadata(committed)
     ranges = committed_ranges(committed)
     committed_rr = bool(meta.get("reduce_range", False))
+    affected_cpu = x86_without_vnni()
     if weights == "auto":
-        weights = "u8" if x86_without_vnni() else ("s8-reduce-range" if committed_rr else "s8")
+        weights = "s8-reduce-range" if committed_rr else "s8"
     u8_weights = weights == "u8"
     use_reduce_range = weights == "s8-reduce-range"
     committed_inits = g.initializer_map(committed)
@@ -133,8 +136,14 @@ def derive_ort_int8(fp32_path: Path, committed_path: Path, target: Path, weights
     info.pop("options", None)
     info["reduce_range"] = use_reduce_range
     info["ort_weights"] = weights
+    info["x86_without_vnni"] = affected_cpu
     if weights == "u8":
-        info["ort_weights_reason"] = "x86 CPU without VNNI: u8 weights run on u8 x u8 kernels, no int16 saturation"
+        info["ort_weights_reason"] = "u8 weights run on u8 x u8 kernels: no int16 saturation on x86 without VNNI"
+    elif affected_cpu and weights == "s8":
+        info["saturation_note"] = (
+            "this x86 CPU has no VNNI: u8 x s8 pair sums can saturate (measured cost on the shipped model: "
+            "97.5% vs 98.3% same label as FP32, docs/quantization.md); --ort-int8-weights u8 or s8-reduce-range avoid it"
+        )
     info["ort_layout"] = (
         "u8 activations from the committed calibration ({} tensors, {} non-negative over [0, amax]); weights "
         "{}".format(

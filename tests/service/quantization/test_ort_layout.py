@@ -67,9 +67,11 @@ def test_weight_modes_for_cpus_without_vnni(tmp_path: Path, monkeypatch: pytest.
     committed = quantize_int8(model, tmp_path / "m.int8.onnx", x, Int8Options(method="minmax")).path
     monkeypatch.setattr(saturation, "x86_without_vnni", lambda *a: True)
     info = derive_ort_int8(model, committed, tmp_path / "auto.onnx")
-    assert info["ort_weights"] == "u8" and "without VNNI" in info["ort_weights_reason"]
-    assert all(w.dtype == np.uint8 for w in _weights(onnx.load(str(tmp_path / "auto.onnx"))).values())
-    assert saturation.saturation_report(tmp_path / "auto.onnx", x[:2]) == []  # no u8 x s8 layer left
+    assert info["ort_weights"] == "s8" and info["x86_without_vnni"] and "saturate" in info["saturation_note"]
+    u8 = derive_ort_int8(model, committed, tmp_path / "u8.onnx", weights="u8")
+    assert "no int16 saturation" in u8["ort_weights_reason"]
+    assert all(w.dtype == np.uint8 for w in _weights(onnx.load(str(tmp_path / "u8.onnx"))).values())
+    assert saturation.saturation_report(tmp_path / "u8.onnx", x[:2]) == []  # no u8 x s8 layer left
     rr = derive_ort_int8(model, committed, tmp_path / "rr.onnx", weights="s8-reduce-range")
     assert rr["reduce_range"] and max(int(np.abs(w).max()) for w in _weights(onnx.load(str(tmp_path / "rr.onnx"))).values()) <= 64
     monkeypatch.setattr(saturation, "x86_without_vnni", lambda *a: False)
