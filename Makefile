@@ -15,7 +15,7 @@ SERVE_PRECISION := $(or $(ANEMIA_PRECISION),int8)
 
 export HOST PORT
 
-.PHONY: serve prepare test train engines lint clean
+.PHONY: serve prepare test train engines clean peers-venv bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,28 @@ train: $(VENV)/.dev-installed
 
 clean:
 	rm -rf $(VENV) engines/*.onnx engines/*.engine engines/manifest.json .pytest_cache .mypy_cache
+
+# --- benchmarks (docs/benchmarks.md) ---------------------------------------------------------
+PEERS_VENV ?= .venv-peers
+BENCH_OUT ?= benchmarks/results
+# Model for `make bench`: the trained model when present, else the same-architecture stand-in.
+BENCH_MODEL ?= $(if $(wildcard models/anemia_mobilenetv2.onnx),models/anemia_mobilenetv2.onnx,build/bench/anemia_mobilenetv2_standin.onnx)
+
+# BentoML and LitServe in their own venv so their pins never move the project's.
+$(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -r benchmarks/peers/requirements.txt
+	$(PEERS_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+peers-venv: $(PEERS_VENV)/.installed
+
+build/bench/anemia_mobilenetv2_standin.onnx: | $(VENV)/.dev-installed
+	$(PY) -m benchmarks.standin_model --int8
+
+bench: $(VENV)/.dev-installed $(PEERS_VENV)/.installed $(BENCH_MODEL)
+	$(PY) -m benchmarks.inference --model $(BENCH_MODEL) --build --threads 1 --cpus 0 --out-json $(BENCH_OUT)/inference_1thread.json --out-md $(BENCH_OUT)/inference_1thread.md
+	$(PY) -m benchmarks.inference --model $(BENCH_MODEL) --threads 2 --cpus 0,1 --out-json $(BENCH_OUT)/inference_2threads.json --out-md $(BENCH_OUT)/inference_2threads.md
+	$(PY) -m benchmarks.load --model $(BENCH_MODEL) --requests-per-connection 12 --out-dir $(BENCH_OUT)/pinned --plot docs/images/benchmark_load_pinned.png
+	$(PY) -m benchmarks.load --model $(BENCH_MODEL) --requests-per-connection 12 --server-cpus 0,1 --client-cpus 0,1 --threads 2 --out-dir $(BENCH_OUT)/shared --plot docs/images/benchmark_load_shared.png

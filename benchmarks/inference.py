@@ -68,7 +68,7 @@ def count_flops(model_path: Path, input_size: int) -> Dict[str, Any]:
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    feed = {session.get_inputs()[0].name: np.zeros((1, 3, input_size, input_size), np.float32)}
+    feed: Dict[str, np.ndarray] = {session.get_inputs()[0].name: np.zeros((1, 3, input_size, input_size), np.float32)}
     shapes: Dict[str, List[int]] = {name: list(value.shape) for name, value in zip(names, session.run(names, feed))}
     shapes.update(initializers)
     by_op: Dict[str, int] = {}

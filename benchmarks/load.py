@@ -678,7 +678,7 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     left.legend()
     machine = report["machine"]
     fig.suptitle(
-        "{} | server CPUs {}, client CPUs {} | {} threads | {}".format(
+        "{} | server CPUs {}, client CPUs {} | ONNX Runtime threads: {} | {}".format(
             machine["cpu"], report["config"]["server_cpus"] or "all", report["config"]["client_cpus"] or "all",
             report["config"]["threads"], machine["date_utc"][:10]
         ),
