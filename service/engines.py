@@ -187,3 +187,15 @@ def verify_engine_file(engine_dir: Path, entry: EngineEntry) -> Path:
     if digest != entry.sha256:
         raise EngineError("engine file {} does not match its manifest sha256 (corrupted?); {}".format(path, hint))
     return path
+
+
+def reusable_entry(manifest: EngineManifest, key: EngineKey, force: bool = False) -> Optional[EngineEntry]:
+    """The manifest's intact engine for ``key``, unless ``force``; missing or damaged means rebuild."""
+    existing = manifest.find(key)
+    if existing is None or force:
+        return None
+    try:
+        verify_engine_file(manifest.engine_dir, existing)
+    except EngineError:
+        return None
+    return existing

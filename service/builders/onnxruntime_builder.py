@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import onnx
 
-from service.engines import EngineEntry, EngineManifest, make_entry, verify_engine_file
+from service.engines import EngineEntry, EngineManifest, make_entry, reusable_entry
 from service.errors import EngineError
 from service.model_info import ModelInfo
 from service.runtime import engine_key
@@ -75,13 +75,9 @@ def build_onnxruntime_engine(
     model = ModelInfo.from_onnx(model_path)
     key = engine_key(model, precision, "onnxruntime")
     manifest = EngineManifest.load(engine_dir)
-    existing = manifest.find(key)
-    if existing is not None and not force:
-        try:
-            verify_engine_file(engine_dir, existing)
-            return existing
-        except EngineError:
-            pass  # missing or damaged: rebuild below
+    existing = reusable_entry(manifest, key, force)
+    if existing is not None:
+        return existing
     engine_dir.mkdir(parents=True, exist_ok=True)
     target = engine_dir / key.file_name(".onnx")
     started = time.perf_counter()

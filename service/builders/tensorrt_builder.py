@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import onnx
 
-from service.engines import EngineEntry, EngineManifest, make_entry, slug, verify_engine_file
+from service.engines import EngineEntry, EngineManifest, make_entry, reusable_entry, slug
 from service.errors import EngineError
 from service.model_info import INPUT_NAME, ModelInfo
 from service.runtime import engine_key
@@ -89,13 +89,9 @@ def build_tensorrt_engine(
     model = ModelInfo.from_onnx(model_path)
     key = engine_key(model, precision, "tensorrt")
     manifest = EngineManifest.load(engine_dir)
-    existing = manifest.find(key)
-    if existing is not None and not force:
-        try:
-            verify_engine_file(engine_dir, existing)
-            return existing
-        except EngineError:
-            pass
+    existing = reusable_entry(manifest, key, force)
+    if existing is not None:
+        return existing
 
     logger = compat.make_logger(verbose)
     builder = trt.Builder(logger)
