@@ -202,3 +202,38 @@ def test_output_is_finite_for_extreme_aspect_ratios() -> None:
         result = preprocess_roi(encode(rgb_photo(width, height)), None, SPEC, PreprocessLimits(min_roi_pixels=1))
         assert result.tensor.shape == (1, 3, 224, 224)
         assert math.isfinite(float(result.tensor.sum()))
+
+
+def _reference_tensor(crop: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The step-by-step formula: fill canvas, paste the resized crop, (x - mean) / std, CHW."""
+    from service.preprocess import resize_to_fit
+
+    resized, top, left = resize_to_fit(crop, spec.input_size, spec.resize_mode)
+    if spec.resize_mode == "stretch":
+        canvas = resized.astype(np.float32)
+    else:
+        canvas = np.empty((spec.input_size, spec.input_size, 3), np.float32)
+        canvas[:] = np.asarray(spec.fill, np.float32)
+        canvas[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    if spec.channel_order == "BGR":
+        canvas, mean, std = canvas[:, :, ::-1], mean[::-1], std[::-1]
+    return np.ascontiguousarray(((canvas - mean) / std).transpose(2, 0, 1)[np.newaxis])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PreprocessSpec(),
+        PreprocessSpec(resize_mode="stretch"),
+        PreprocessSpec(channel_order="BGR"),
+        PreprocessSpec(input_size=160, fill=(0.0, 10.0, 20.0), mean=(120.0, 110.0, 100.0), std=(60.0, 70.0, 80.0)),
+    ],
+    ids=["letterbox", "stretch", "bgr", "other-constants"],
+)
+def test_one_pass_normalization_equals_the_step_by_step_formula(spec: PreprocessSpec) -> None:
+    from service.preprocess import normalized_chw
+
+    for width, height in ((228, 88), (700, 10), (50, 50), (320, 240)):
+        crop = rgb_photo(width, height, seed=width).astype(np.float32)
+        assert np.array_equal(normalized_chw(crop, spec), _reference_tensor(crop, spec))
