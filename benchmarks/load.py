@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from benchmarks.processes import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = PROJECT_ROOT / ".venv-peers"
@@ -74,10 +74,6 @@ def peers_python() -> Optional[Path]:
     return python if python.is_file() else None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def server_spec(name: str, port: int, engine_path: Path, args: argparse.Namespace) -> ServerSpec:

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from benchmarks.processes import free_port, rss_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PROJECT_ROOT / "models" / "anemia_mobilenetv2.onnx"
@@ -47,18 +47,8 @@ MB = 1e6
 Payload = Tuple[str, bytes, str, Optional[str]]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
-def rss_bytes(pid: int) -> int:
-    with open("/proc/{}/status".format(pid)) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS for pid {}".format(pid))
 
 
 # -- pictures ---------------------------------------------------------------------------------

@@ -106,15 +106,20 @@ def run_batches(sess: ort.InferenceSession, tensors: np.ndarray, batch_size: int
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def channel_means(model: onnx.ModelProto, tensor_names: Sequence[str], tensors: np.ndarray, batch_size: int = 16) -> Dict[str, np.ndarray]:
-    """Per-channel mean (axis 1) of intermediate float tensors of ``model`` over ``tensors``."""
+def probe_session(model: onnx.ModelProto, tensor_names: Sequence[str]) -> ort.InferenceSession:
+    """A session of ``model`` that also outputs the named intermediate float tensors."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
     for name in tensor_names:
         if name not in existing:
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    sess = session(probe)
+    return session(probe)
+
+
+def channel_means(model: onnx.ModelProto, tensor_names: Sequence[str], tensors: np.ndarray, batch_size: int = 16) -> Dict[str, np.ndarray]:
+    """Per-channel mean (axis 1) of intermediate float tensors of ``model`` over ``tensors``."""
+    sess = probe_session(model, tensor_names)
     sums: Dict[str, np.ndarray] = {}
     count = 0
     names = list(tensor_names)
@@ -142,13 +147,7 @@ def input_gram(model: onnx.ModelProto, tensor_names: Sequence[str], tensors: np.
 
     GPTQ's Hessian of a 1x1 convolution or a Gemm is this matrix of its input.
     """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in tensor_names:
-        if name not in existing:
-            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    sess = session(probe)
+    sess = probe_session(model, tensor_names)
     grams: Dict[str, np.ndarray] = {}
     counts: Dict[str, int] = {}
     names = list(tensor_names)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.promql import PROJECT_ROOT, RULE_FILES
+from benchmarks.processes import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [
@@ -34,10 +34,6 @@ P95_TOTAL_QUERY = 'histogram_quantile(0.95, sum by (le) (anemia_request_duration
 P95_QUERY = 'histogram_quantile(0.95, sum by (le) (rate(anemia_request_duration_seconds_bucket{endpoint="/v1/predict"}[30s])))'
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,25 +13,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import httpx
+from benchmarks.processes import free_port, rss_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 SERVICE_MODULE = "service"
 LAUNCHER_MODULE = "tests.reliability.launcher"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc (Linux)."""
-    with open("/proc/{}/status".format(pid)) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS for pid {}".format(pid))
 
 
 class ServerProcess:
