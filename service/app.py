@@ -40,7 +40,14 @@ from service.errors import (
 from service.logging_setup import request_id_var
 from service.metrics import ServiceMetrics
 from service.model_info import ModelInfo
-from service.preprocess import PreprocessLimits, decode_image, parse_roi_json, preprocess_decoded
+from service.preprocess import (
+    PreprocessLimits,
+    PreprocessResult,
+    PreprocessSpec,
+    decode_image,
+    parse_roi_json,
+    preprocess_decoded,
+)
 from service.runtime import BackendFactory, ResolvedEngine, backend_factory, resolve_engine
 from service.schemas import ErrorBody, ModelDescription, Prediction, Status
 
@@ -86,10 +93,9 @@ class ServiceState:
             warmup_shape=(3, model.spec.input_size, model.spec.input_size),
             on_batch=lambda size, _seconds: self.metrics.batch_size.observe(size),
             incoming=lambda: self.preparing,
+            batching=settings.batching,
         )
         self.executor = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="preprocess")
-        # Admitted requests beyond what the queue and one running batch hold are turned away early.
-        self.max_in_flight = settings.queue_size + settings.max_batch
         self.in_flight = 0
         self.preparing = 0  # admitted, not yet handed to the batcher
         self.shutting_down = False
@@ -99,6 +105,13 @@ class ServiceState:
         ).set(1)
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self.metrics.queue_depth.set_function(lambda: float(self.batcher.queue_depth))
+        self.metrics.batch_limit.set_function(lambda: float(self.batcher.batch_limit))
+
+    @property
+    def max_in_flight(self) -> int:
+        # Admitted requests beyond what the queue and one running batch hold are turned away early;
+        # the batch is the one warm-up settled on (ANEMIA_BATCHING).
+        return self.settings.queue_size + self.batcher.batch_limit
 
     @property
     def ready(self) -> bool:
@@ -215,6 +228,22 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+def prepare_request(
+    data: bytes, roi_text: Optional[str], spec: PreprocessSpec, limits: PreprocessLimits
+) -> Tuple[PreprocessResult, float, float]:
+    """ROI parsing, decode and preprocess in one call, for one thread-pool hop per request.
+
+    Each hop back to the event loop is a GIL hand-off that showed in the profile under load
+    (docs/benchmarks.md, section 4). Returns the result, decode seconds and preprocess seconds.
+    """
+    roi = parse_roi_json(roi_text, limits.max_polygon_points)
+    t0 = time.perf_counter()
+    decoded = decode_image(data, limits.max_pixels)
+    t1 = time.perf_counter()
+    prepared = preprocess_decoded(decoded, roi, spec, limits)
+    return prepared, t1 - t0, time.perf_counter() - t1
+
+
 async def predict(state: ServiceState, request: Request, request_id: str) -> Dict[str, Any]:
     """Handle one prediction: read, decode, preprocess (off the loop), infer (batched), answer."""
     started = time.perf_counter()
@@ -229,13 +258,10 @@ async def predict(state: ServiceState, request: Request, request_id: str) -> Dic
     submitted = False
     try:
         data, roi_text = await read_predict_form(request, state.settings.max_upload_bytes)
-        roi = await state.run_blocking(parse_roi_json, roi_text, state.limits.max_polygon_points)
-        t0 = time.perf_counter()
-        decoded = await state.run_blocking(decode_image, data, state.limits.max_pixels)
-        t1 = time.perf_counter()
-        prepared = await state.run_blocking(preprocess_decoded, decoded, roi, state.model.spec, state.limits)
-        t2 = time.perf_counter()
-        del data, decoded
+        prepared, decode_seconds, preprocess_seconds = await state.run_blocking(
+            prepare_request, data, roi_text, state.model.spec, state.limits
+        )
+        del data
         state.preparing -= 1
         submitted = True
         result = await state.batcher.submit(prepared.tensor)
@@ -245,8 +271,8 @@ async def predict(state: ServiceState, request: Request, request_id: str) -> Dic
         state.in_flight -= 1
         state.metrics.requests_in_flight.dec()
     stages = state.metrics.stage_duration
-    stages.labels(stage="decode").observe(t1 - t0)
-    stages.labels(stage="preprocess").observe(t2 - t1)
+    stages.labels(stage="decode").observe(decode_seconds)
+    stages.labels(stage="preprocess").observe(preprocess_seconds)
     stages.labels(stage="queue").observe(result.queue_seconds)
     stages.labels(stage="inference").observe(result.inference_seconds)
     label = "anemic" if result.probability >= state.threshold else "non-anemic"
@@ -272,8 +298,8 @@ async def predict(state: ServiceState, request: Request, request_id: str) -> Dic
         "model": {"name": state.model.name, "version": state.model.version, "sha256": state.model.sha256},
         "roi": {"source": prepared.roi_source, "bbox": list(prepared.roi_bbox), "pixels": prepared.roi_pixels},
         "latency_ms": {
-            "decode": _ms(t1 - t0),
-            "preprocess": _ms(t2 - t1),
+            "decode": _ms(decode_seconds),
+            "preprocess": _ms(preprocess_seconds),
             "queue": _ms(result.queue_seconds),
             "inference": _ms(result.inference_seconds),
             "total": _ms(total),
@@ -292,6 +318,19 @@ def describe_model(state: ServiceState) -> Dict[str, Any]:
         "preprocess": asdict(state.model.spec),
         "metadata": state.model.public_metadata(),
         "engine": state.engine.entry.to_dict(),
+        "batching": describe_batching(state.batcher),
+    }
+
+
+def describe_batching(batcher: MicroBatcher) -> Dict[str, Any]:
+    """What warm-up decided: ``batch_limit`` is the most images per backend call now in use."""
+    return {
+        "mode": batcher.batching,
+        "max_batch": batcher.max_batch,
+        "batch_limit": batcher.batch_limit,
+        "decided": batcher.warmed_up.is_set(),
+        # JSON keys are strings: {"1": ms, "8": ms}; empty unless "auto" timed a batch > 1.
+        "warmup_ms_per_image": {str(batch): ms for batch, ms in sorted(batcher.warmup_ms_per_image.items())},
     }
 
 

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -47,6 +47,13 @@ class _Pending:
 
 BatchObserver = Callable[[int, float], None]
 
+BATCHING_MODES = ("auto", "on", "off")
+# Timed warm-up rounds (one call per shape each), after one untimed call per shape.
+WARMUP_TIMED_ROUNDS = 5
+# "auto" keeps batching only when the largest batch is at least 5 % cheaper per image than one
+# image alone: below that, waiting for company adds latency and buys no throughput.
+BATCH_PAYS_RATIO = 0.95
+
 
 class MicroBatcher:
     def __init__(
@@ -59,9 +66,18 @@ class MicroBatcher:
         on_batch: Optional[BatchObserver] = None,
         on_queue_depth: Optional[Callable[[int], None]] = None,
         incoming: Optional[Callable[[], int]] = None,
+        batching: str = "auto",
     ) -> None:
+        if batching not in BATCHING_MODES:
+            raise ValueError("batching must be one of {}, got {!r}".format(BATCHING_MODES, batching))
         self._backend_factory = backend_factory
         self.max_batch = max_batch
+        self.batching = batching
+        # The most images per backend call that _serve uses; warm-up settles it (backend cap,
+        # and in "auto" mode whether a batch is cheaper per image than a single image).
+        self.batch_limit = 1 if batching == "off" else max_batch
+        # Milliseconds per image measured at warm-up, by batch size ("auto" with a batch > 1 only).
+        self.warmup_ms_per_image: Dict[int, float] = {}
         self.max_wait_seconds = max_wait_seconds
         self._queue: "queue.Queue[object]" = queue.Queue(maxsize=queue_size)
         self._warmup_shape = warmup_shape
@@ -144,16 +160,49 @@ class MicroBatcher:
             backend.close()
 
     def _warm_up(self, backend: InferenceBackend) -> None:
+        cap = 1 if self.batching == "off" else max(1, min(self.max_batch, backend.max_batch_size))
         if self._warmup_shape is None:
+            self.batch_limit = cap
             self.warmed_up.set()
             return
+        timed = self.batching == "auto" and cap > 1
+        shape = tuple(self._warmup_shape)
+        tensors: Dict[int, np.ndarray] = {batch: np.zeros((batch,) + shape, dtype=np.float32) for batch in sorted({1, cap})}
+        fastest_seconds = {batch: float("inf") for batch in tensors}
         try:
-            for batch in sorted({1, min(self.max_batch, backend.max_batch_size)}):
-                backend.infer(np.zeros((batch,) + tuple(self._warmup_shape), dtype=np.float32))
+            for tensor in tensors.values():
+                backend.infer(tensor)  # first call: allocations, kernel selection
+            # Interleaved, so that a burst of other load on a shared machine hits both shapes
+            # alike; the fastest call of each, since other load only ever adds time.
+            for _ in range(WARMUP_TIMED_ROUNDS if timed else 0):
+                for batch, tensor in tensors.items():
+                    started = time.perf_counter()
+                    backend.infer(tensor)
+                    fastest_seconds[batch] = min(fastest_seconds[batch], time.perf_counter() - started)
         except BaseException as exc:
             self.failure = exc
             logger.exception("warm-up failed; the server stays not-ready")
             return
+        limit = cap
+        if timed:
+            seconds_per_image = {batch: seconds / batch for batch, seconds in fastest_seconds.items()}
+            self.warmup_ms_per_image = {batch: round(s * 1000.0, 3) for batch, s in seconds_per_image.items()}
+            # On CPUs whose cache holds one image's activations but not a batch's (a 2-vCPU
+            # Xeon), a batch costs more per image than single images: batching would only add
+            # latency. A GPU, where batches are cheaper, keeps its batch.
+            if seconds_per_image[cap] > BATCH_PAYS_RATIO * seconds_per_image[1]:
+                limit = 1
+            logger.info(
+                "batching {}".format("kept" if limit > 1 else "off"),
+                extra={
+                    "batching": self.batching,
+                    "batch_limit": limit,
+                    "max_batch": cap,
+                    "ms_per_image_batch_1": self.warmup_ms_per_image[1],
+                    "ms_per_image_batch_max": self.warmup_ms_per_image[cap],
+                },
+            )
+        self.batch_limit = limit
         self.warmed_up.set()
 
     def _collect(self, first: _Pending, limit: int) -> Tuple[List[_Pending], bool]:
@@ -176,7 +225,7 @@ class MicroBatcher:
         return batch, stop
 
     def _serve(self, backend: InferenceBackend) -> None:
-        limit = max(1, min(self.max_batch, backend.max_batch_size))
+        limit = self.batch_limit
         stop = False
         while not stop:
             item = self._queue.get()

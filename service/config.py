@@ -15,6 +15,8 @@ DEFAULT_ENGINE_DIR = PROJECT_ROOT / "engines"
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 BackendName = Literal["auto", "onnxruntime", "tensorrt"]
+# auto: batch only when warm-up measures the largest batch cheaper per image than one image.
+BatchingMode = Literal["auto", "on", "off"]
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 MIB = 1024 * 1024
@@ -40,6 +42,7 @@ class Settings(BaseSettings):
     max_polygon_points: int = Field(default=10_000, ge=3)
 
     max_batch: int = Field(default=8, ge=1, le=256)
+    batching: BatchingMode = "auto"
     batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     queue_size: int = Field(default=64, ge=1)
     preprocess_threads: int = Field(default=2, ge=1, le=64)

@@ -35,6 +35,11 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "anemia_batch_size", "Images per backend call.", buckets=BATCH_SIZE_BUCKETS, registry=registry
         )
+        self.batch_limit = Gauge(
+            "anemia_batch_limit",
+            "Most images per backend call, as decided at warm-up (ANEMIA_BATCHING; 1 means batching is off).",
+            registry=registry,
+        )
         self.queue_depth = Gauge("anemia_queue_depth", "Requests waiting for the inference thread.", registry=registry)
         self.requests_in_flight = Gauge(
             "anemia_requests_in_flight", "Prediction requests being handled.", registry=registry

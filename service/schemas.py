@@ -69,6 +69,14 @@ class ErrorBody(BaseModel):
     request_id: str
 
 
+class BatchingInfo(BaseModel):
+    mode: Literal["auto", "on", "off"]
+    max_batch: int = Field(description="ANEMIA_MAX_BATCH as configured")
+    batch_limit: int = Field(description="most images per backend call, decided at warm-up")
+    decided: bool = Field(description="false until warm-up has run")
+    warmup_ms_per_image: Dict[str, float] = Field(description="warm-up time per image by batch size (auto mode)")
+
+
 class ModelDescription(BaseModel):
     name: str
     version: str
@@ -79,6 +87,7 @@ class ModelDescription(BaseModel):
     preprocess: Dict[str, Any]
     metadata: Dict[str, Any]
     engine: Dict[str, Any]
+    batching: Optional[BatchingInfo] = None
     model_config = {"protected_namespaces": ()}
 
 

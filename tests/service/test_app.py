@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import httpx
@@ -13,11 +14,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import ServiceState, build_state, create_app
+from service.app import ServiceState, build_state, create_app, prepare_request
 from service.config import Settings
+from service.errors import InvalidRoi
 from service.model_info import ModelInfo
 from service.preprocess import PreprocessLimits, parse_roi_json, preprocess_roi
 from service.runtime import backend_factory, resolve_engine
+from service.runtime.base import InferenceBackend
 from tests.backends import InstrumentedBackend
 from tests.conftest import wait_ready
 from tests.images import bomb_png, conjunctiva_rgba, encode, rgb_photo
@@ -347,3 +350,75 @@ def test_other_encodings_are_served(client: Any, kind: str) -> None:
     response = post_image(client, data)
     assert response.status_code == 200, response.text
     assert response.json()["roi"] == {"source": "full", "bbox": [0, 0, 200, 150], "pixels": 30000}
+
+
+# -- batching decided at warm-up (ANEMIA_BATCHING) ------------------------------------------------
+
+
+class BatchPenaltyBackend(InstrumentedBackend):
+    """The real backend plus 1 ms per image, 2 ms per image inside a batch: batches never pay."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep((0.002 if len(batch) > 1 else 0.001) * len(batch))
+        return super().infer(batch)
+
+
+def penalized_app(settings: Settings) -> Any:
+    real_factory = backend_factory(settings, resolve_engine(settings, ModelInfo.from_onnx(settings.model)))
+
+    def factory() -> InferenceBackend:
+        return BatchPenaltyBackend(real_factory())
+
+    return create_app(settings, factory=factory)
+
+
+@pytest.mark.parametrize("batching, limit", [("auto", 1), ("on", 8), ("off", 1)])
+def test_batch_limit_decided_at_warm_up_is_exposed(
+    make_settings: Callable[..., Settings], crop_png: bytes, batching: str, limit: int
+) -> None:
+    settings = make_settings(max_batch=8, queue_size=16, batching=batching)
+    with TestClient(penalized_app(settings)) as client:
+        wait_ready(client)
+        assert metric_value(client.get("/metrics").text, "anemia_batch_limit") == float(limit)
+        described = client.get("/v1/model").json()["batching"]
+        assert described["mode"] == batching and described["max_batch"] == 8
+        assert described["batch_limit"] == limit and described["decided"] is True
+        timings = described["warmup_ms_per_image"]
+        if batching == "auto":
+            assert set(timings) == {"1", "8"} and timings["8"] > timings["1"] >= 1.0
+        else:
+            assert timings == {}
+        assert client.app.state.svc.max_in_flight == 16 + limit
+        assert post_image(client, crop_png).json()["latency_ms"]["inference"] > 0
+
+
+# -- one thread-pool hop per request --------------------------------------------------------------
+
+
+def test_prepare_request_matches_preprocess_roi_and_times_both_stages(make_settings: Callable[..., Settings], photo_jpeg: bytes) -> None:
+    spec = ModelInfo.from_onnx(make_settings().model).spec
+    limits = PreprocessLimits()
+    prepared, decode_seconds, preprocess_seconds = prepare_request(photo_jpeg, POLYGON, spec, limits)
+    expected = preprocess_roi(photo_jpeg, parse_roi_json(POLYGON), spec, limits)
+    assert np.array_equal(prepared.tensor, expected.tensor) and prepared.roi_source == "polygon"
+    assert decode_seconds > 0 and preprocess_seconds > 0
+    # The ROI is checked first, as before: a bad ROI on undecodable bytes is still invalid_roi.
+    with pytest.raises(InvalidRoi):
+        prepare_request(b"not an image", "{oops", spec, limits)
+
+
+def test_a_prediction_takes_one_thread_pool_hop(client: Any, crop_png: bytes) -> None:
+    state: ServiceState = client.app.state.svc
+    hops: List[str] = []
+    original = state.run_blocking
+
+    async def counting(func: Callable[..., Any], *args: Any) -> Any:
+        hops.append(func.__name__)
+        return await original(func, *args)
+
+    state.run_blocking = counting  # type: ignore[method-assign]
+    try:
+        assert post_image(client, crop_png).status_code == 200
+    finally:
+        state.run_blocking = original  # type: ignore[method-assign]
+    assert hops == ["prepare_request"]

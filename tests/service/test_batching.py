@@ -10,7 +10,7 @@ from typing import List
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher
+from service.batching import WARMUP_TIMED_ROUNDS, MicroBatcher
 from service.errors import InferenceFailed, NotReady, Overloaded
 from service.runtime.base import InferenceBackend
 
@@ -191,3 +191,86 @@ def test_async_submit() -> None:
 
     assert asyncio.run(go()) == pytest.approx(0.75)
     batcher.stop()
+
+
+# -- ANEMIA_BATCHING: batch only where it pays ----------------------------------------------------
+
+
+class CostBackend(MeanBackend):
+    """Sleeps ``call_seconds`` per call plus ``image_seconds`` per image, times ``batch_penalty``
+    for every image of a batch larger than one (activations that no longer fit in cache)."""
+
+    def __init__(self, call_seconds: float, image_seconds: float, batch_penalty: float = 1.0) -> None:
+        super().__init__()
+        self.call_seconds = call_seconds
+        self.image_seconds = image_seconds
+        self.batch_penalty = batch_penalty
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        per_image = self.image_seconds * (self.batch_penalty if len(batch) > 1 else 1.0)
+        time.sleep(self.call_seconds + per_image * len(batch))
+        return super().infer(batch)
+
+
+def decided(backend: MeanBackend, batching: str, max_batch: int = 4) -> MicroBatcher:
+    return started(backend, max_batch=max_batch, max_wait_seconds=0.05, batching=batching)
+
+
+def test_auto_turns_batching_off_when_a_batch_costs_more_per_image(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="service.batching")
+    # 1 ms alone, 2 ms per image in a batch of 4.
+    backend = CostBackend(call_seconds=0.0, image_seconds=0.001, batch_penalty=2.0)
+    batcher = decided(backend, "auto")
+    warmup_calls = len(backend.calls)
+    futures = [batcher.submit_nowait(tensor(i / 10)) for i in range(6)]
+    assert [f.result(5).probability for f in futures] == pytest.approx([i / 10 for i in range(6)])
+    batcher.stop()
+    assert batcher.batch_limit == 1 and batcher.max_batch == 4
+    assert backend.calls[warmup_calls:] == [1] * 6
+    # One untimed call per shape, then timed rounds of one call per shape.
+    assert backend.calls[:warmup_calls] == [1, 4] * (1 + WARMUP_TIMED_ROUNDS)
+    ms = batcher.warmup_ms_per_image
+    assert set(ms) == {1, 4} and ms[4] > ms[1] >= 1.0
+    record = next(r for r in caplog.records if r.getMessage() == "batching off")
+    assert record.batch_limit == 1 and record.ms_per_image_batch_max == ms[4]  # type: ignore[attr-defined]
+
+
+def test_auto_keeps_the_batch_when_it_is_cheaper_per_image() -> None:
+    # 2.5 ms alone, 1 ms per image in a batch of 4: the per-call cost is shared.
+    backend = CostBackend(call_seconds=0.002, image_seconds=0.0005)
+    batcher = decided(backend, "auto")
+    warmup_calls = len(backend.calls)
+    futures = [batcher.submit_nowait(tensor(i / 10)) for i in range(8)]
+    assert [f.result(5).probability for f in futures] == pytest.approx([i / 10 for i in range(8)])
+    batcher.stop()
+    assert batcher.batch_limit == 4
+    assert batcher.warmup_ms_per_image[4] < 0.95 * batcher.warmup_ms_per_image[1]
+    assert max(backend.calls[warmup_calls:]) > 1
+
+
+@pytest.mark.parametrize("batching, limit, warmup_shapes", [("on", 4, [1, 4]), ("off", 1, [1])])
+def test_on_and_off_are_honoured_without_timing(batching: str, limit: int, warmup_shapes: List[int]) -> None:
+    # The penalized backend: "on" batches anyway, "off" never does, and neither times anything.
+    backend = CostBackend(call_seconds=0.0, image_seconds=0.001, batch_penalty=2.0)
+    batcher = decided(backend, batching)
+    assert backend.calls == warmup_shapes  # one warm-up call per shape used
+    futures = [batcher.submit_nowait(tensor(i / 10)) for i in range(8)]
+    assert [f.result(5).probability for f in futures] == pytest.approx([i / 10 for i in range(8)])
+    batcher.stop()
+    assert batcher.batch_limit == limit and batcher.warmup_ms_per_image == {}
+    served = backend.calls[len(warmup_shapes) :]
+    # Eight requests submitted at once with a 50 ms window: batched whenever the limit allows.
+    assert sum(served) == 8 and max(served) == limit
+
+
+def test_the_backend_cap_bounds_the_limit() -> None:
+    backend = CostBackend(call_seconds=0.002, image_seconds=0.0005)
+    backend.max_batch_size = 2
+    batcher = decided(backend, "on", max_batch=8)
+    batcher.stop()
+    assert batcher.batch_limit == 2 and backend.calls == [1, 2]
+
+
+def test_unknown_batching_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="batching"):
+        MicroBatcher(MeanBackend, batching="sometimes")

@@ -10,15 +10,17 @@ def test_defaults() -> None:
     assert settings.precision == "fp32" and settings.backend == "auto"
     assert settings.max_upload_bytes == 10 * 1024 * 1024 and settings.max_pixels == 40_000_000
     assert settings.api_key is None and settings.cors_origins == []
+    assert settings.batching == "auto"
 
 
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANEMIA_PRECISION", "int8")
     monkeypatch.setenv("ANEMIA_MAX_BATCH", "16")
+    monkeypatch.setenv("ANEMIA_BATCHING", "off")
     monkeypatch.setenv("ANEMIA_API_KEY", "Zq9-secret")
     monkeypatch.setenv("ANEMIA_CORS_ORIGINS", "http://a.local, http://b.local")
     settings = load_settings()
-    assert settings.precision == "int8" and settings.max_batch == 16
+    assert settings.precision == "int8" and settings.max_batch == 16 and settings.batching == "off"
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "Zq9-secret"
     assert settings.cors_origins == ["http://a.local", "http://b.local"]
     assert "Zq9-secret" not in repr(settings)  # the key never shows in logs or reprs
@@ -33,6 +35,7 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("ANEMIA_THRESHOLD", "1.5"),
         ("ANEMIA_MAX_UPLOAD_BYTES", "lots"),
         ("ANEMIA_BATCH_WAIT_MS", "-1"),
+        ("ANEMIA_BATCHING", "sometimes"),
     ],
 )
 def test_bad_values_fail_naming_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:

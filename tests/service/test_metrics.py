@@ -15,6 +15,7 @@ EXPECTED = {
     "anemia_request_duration_seconds": "histogram",
     "anemia_stage_duration_seconds": "histogram",
     "anemia_batch_size": "histogram",
+    "anemia_batch_limit": "gauge",
     "anemia_queue_depth": "gauge",
     "anemia_requests_in_flight": "gauge",
     "anemia_predictions_total": "counter",
