@@ -104,9 +104,9 @@ def test_load_smoke_ours_and_plain(bench_model: Path, bench_images: Path, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (PEERS_VENV / "bin" / "python").is_file(), reason="no .venv-peers (BentoML, LitServe): see benchmarks/peers/requirements.txt")
-def test_load_smoke_bentoml_litserve_and_ours_on_uvloop(bench_model: Path, bench_images: Path, tmp_path: Path) -> None:
-    report = _load_report(bench_model, bench_images, tmp_path, "bentoml,litserve,ours-uvloop")
-    assert set(report["servers"]) == {"bentoml", "litserve", "ours-uvloop"}
+def test_load_smoke_bentoml_litserve_and_ours_batching_on(bench_model: Path, bench_images: Path, tmp_path: Path) -> None:
+    report = _load_report(bench_model, bench_images, tmp_path, "bentoml,litserve,ours-batch-on")
+    assert set(report["servers"]) == {"bentoml", "litserve", "ours-batch-on"}
     assert report["summary"]["same_answer"]["max_abs_difference"] < 1e-6
     for name, result in report["servers"].items():
         for level in result["levels"]:
