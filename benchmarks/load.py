@@ -96,6 +96,7 @@ def server_spec(name: str, port: int, engine_path: Path, args: argparse.Namespac
             "ANEMIA_INTRA_OP_THREADS": str(args.threads),
             "ANEMIA_MAX_BATCH": str(args.max_batch),
             "ANEMIA_BATCHING": "on" if name == "ours-batch-on" else args.batching,
+            "ANEMIA_INTRA_OP_SPINNING": args.ours_spinning,
             "ANEMIA_BATCH_WAIT_MS": str(args.batch_wait_ms),
             "ANEMIA_LOG_LEVEL": args.ours_log_level,
         }
@@ -710,6 +711,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, every server alike")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--batching", choices=("auto", "on", "off"), default="auto", help="our server's ANEMIA_BATCHING")
+    parser.add_argument("--ours-spinning", choices=("true", "false"), default="true", help="our server's ANEMIA_INTRA_OP_SPINNING")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--ours-log-level", default="info", help="our server's ANEMIA_LOG_LEVEL (info logs every prediction)")
     parser.add_argument("--server-cpus", default="0", help="taskset list for every server; empty for none")
@@ -780,6 +782,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "threads": args.threads,
             "max_batch": args.max_batch,
             "batching": args.batching,
+            "ours_spinning": args.ours_spinning,
             "batch_wait_ms": args.batch_wait_ms,
             "min_requests": args.min_requests,
             "requests_per_connection": args.requests_per_connection,

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=64, ge=1)
     preprocess_threads: int = Field(default=2, ge=1, le=64)
     intra_op_threads: int = Field(default=0, ge=0, le=256)
+    # ONNX Runtime's idle intra-op threads spin between runs: lower single-request latency, less
+    # CPU left for decoding and HTTP under concurrency (docs/benchmarks.md measures both)
+    intra_op_spinning: bool = True
 
     api_key: Optional[SecretStr] = None
     cors_origins: Annotated[List[str], NoDecode] = Field(default_factory=list)

@@ -81,7 +81,7 @@ def backend_factory(settings: Settings, engine: ResolvedEngine) -> BackendFactor
         if engine.backend == "onnxruntime":
             from service.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-            return OnnxRuntimeBackend(engine.path, settings.precision, settings.intra_op_threads)
+            return OnnxRuntimeBackend(engine.path, settings.precision, settings.intra_op_threads, settings.intra_op_spinning)
         from service.runtime.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(engine.path, settings.precision, settings.max_batch)

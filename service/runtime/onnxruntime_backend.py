@@ -22,7 +22,7 @@ def tool_version() -> str:
     return str(ort.__version__)
 
 
-def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+def session_options(intra_op_threads: int = 0, spinning: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -31,17 +31,21 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = 3
+    if not spinning:
+        # Idle intra-op threads spin for a while after each run; on a box whose cores also decode,
+        # preprocess and serve HTTP, that spinning takes the CPU from them (see docs/benchmarks.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
 class OnnxRuntimeBackend(InferenceBackend):
     name = BACKEND_NAME
 
-    def __init__(self, engine_path: Path, precision: str, intra_op_threads: int = 0) -> None:
+    def __init__(self, engine_path: Path, precision: str, intra_op_threads: int = 0, spinning: bool = True) -> None:
         self.precision = precision
         self.engine_path = Path(engine_path)
         self._session: Optional[ort.InferenceSession] = ort.InferenceSession(
-            str(self.engine_path), sess_options=session_options(intra_op_threads), providers=["CPUExecutionProvider"]
+            str(self.engine_path), sess_options=session_options(intra_op_threads, spinning), providers=["CPUExecutionProvider"]
         )
         self._input_dtype = np.float16 if self._session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
