@@ -56,6 +56,8 @@ PEERS_VENV ?= .venv-peers
 BENCH_OUT ?= benchmarks/results
 # Model for `make bench`: the trained model when present, else the same-architecture stand-in.
 BENCH_MODEL ?= $(if $(wildcard models/anemia_mobilenetv2.onnx),models/anemia_mobilenetv2.onnx,build/bench/anemia_mobilenetv2_standin.onnx)
+# a snapshot, so the model cannot change under a run
+BENCH_RUN_MODEL = build/bench/run/anemia_mobilenetv2.onnx
 
 # BentoML and LitServe in their own venv so their pins never move the project's.
 $(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt pyproject.toml
@@ -71,7 +73,13 @@ build/bench/anemia_mobilenetv2_standin.onnx: | $(VENV)/.dev-installed
 	$(PY) -m benchmarks.standin_model --int8
 
 bench: $(VENV)/.dev-installed $(PEERS_VENV)/.installed $(BENCH_MODEL)
-	$(PY) -m benchmarks.inference --model $(BENCH_MODEL) --build --threads 1 --cpus 0 --out-json $(BENCH_OUT)/inference_1thread.json --out-md $(BENCH_OUT)/inference_1thread.md
-	$(PY) -m benchmarks.inference --model $(BENCH_MODEL) --threads 2 --cpus 0,1 --out-json $(BENCH_OUT)/inference_2threads.json --out-md $(BENCH_OUT)/inference_2threads.md
-	$(PY) -m benchmarks.load --model $(BENCH_MODEL) --requests-per-connection 12 --out-dir $(BENCH_OUT)/pinned --plot docs/images/benchmark_load_pinned.png
-	$(PY) -m benchmarks.load --model $(BENCH_MODEL) --requests-per-connection 12 --server-cpus 0,1 --client-cpus 0,1 --threads 2 --out-dir $(BENCH_OUT)/shared --plot docs/images/benchmark_load_shared.png
+	rm -rf build/bench/run && mkdir -p build/bench/run
+	cp $(BENCH_MODEL) build/bench/run/anemia_mobilenetv2.onnx
+	cp $(BENCH_MODEL:.onnx=.int8.onnx) build/bench/run/anemia_mobilenetv2.int8.onnx 2>/dev/null || true
+	$(PY) build_engines.py --model $(BENCH_RUN_MODEL) --engine-dir build/bench/run/engines --precision int4 --int4-rounding rtn
+	$(PY) -m benchmarks.inference --model $(BENCH_RUN_MODEL) --build --threads 1 --cpus 0 --out-json $(BENCH_OUT)/inference_1thread.json --out-md $(BENCH_OUT)/inference_1thread.md
+	$(PY) -m benchmarks.inference --model $(BENCH_RUN_MODEL) --threads 2 --cpus 0,1 --out-json $(BENCH_OUT)/inference_2threads.json --out-md $(BENCH_OUT)/inference_2threads.md
+	$(PY) -m benchmarks.load --model $(BENCH_RUN_MODEL) --precision int8 --requests-per-connection 12 --out-dir $(BENCH_OUT)/pinned_int8 --plot docs/images/benchmark_load_pinned_int8.png
+	$(PY) -m benchmarks.load --model $(BENCH_RUN_MODEL) --precision fp32 --servers ours,plain,ours-batch-on --requests-per-connection 12 --out-dir $(BENCH_OUT)/pinned_fp32 --plot docs/images/benchmark_load_pinned_fp32.png
+	$(PY) -m benchmarks.load --model $(BENCH_RUN_MODEL) --precision int8 --requests-per-connection 12 --server-cpus 0,1 --client-cpus 0,1 --threads 2 --out-dir $(BENCH_OUT)/shared_int8 --plot docs/images/benchmark_load_shared_int8.png
+	$(PY) -m benchmarks.load --model $(BENCH_RUN_MODEL) --precision int8 --servers ours,plain,ours-batch-on --ours-spinning false --requests-per-connection 12 --server-cpus 0,1 --client-cpus 0,1 --threads 2 --out-dir $(BENCH_OUT)/shared_int8_no_spinning --plot docs/images/benchmark_load_shared_int8_no_spinning.png

@@ -394,6 +394,8 @@ def bench_server(name: str, engine_path: Path, images: Sequence[Tuple[str, bytes
         if bad:
             raise RuntimeError("{} warm-up failed: {}; log:\n{}".format(name, summarize(bad, 1.0)["statuses"], server.log_tail()))
         result["probe_probability"] = probe_probability(url, images[0])
+        if spec.metrics_path:  # our server: what warm-up decided about batching
+            result["batching"] = batching_decision(server.base_url)
         best_rps = 0.0
         for concurrency in args.concurrency:
             requests = max(args.min_requests, args.requests_per_connection * concurrency)
@@ -463,6 +465,14 @@ def bench_server(name: str, engine_path: Path, images: Sequence[Tuple[str, bytes
     finally:
         server.stop()
     return result
+
+
+def batching_decision(base_url: str) -> Optional[Dict[str, Any]]:
+    """Our server's warm-up decision (``/v1/model`` ``batching``): mode, batch limit, ms per image."""
+    import httpx
+
+    found = httpx.get(base_url + "/v1/model", timeout=10.0).json().get("batching")
+    return dict(found) if found else None
 
 
 def probe_probability(url: str, image: Tuple[str, bytes]) -> Optional[float]:

@@ -94,6 +94,7 @@ def test_load_smoke_ours_and_plain(bench_model: Path, bench_images: Path, tmp_pa
         for level in result["levels"]:
             assert level["errors"] == 0 and level["ok"] == level["requests"], (name, level["statuses"])
         assert result["open_loop"]["requests"] > 0
+    assert report["servers"]["ours"]["batching"]["decided"] is True  # the warm-up decision, from /v1/model
     stages = report["servers"]["ours"]["levels"][0]["stages"]
     assert stages["batches"] >= 1 and stages["inference_mean_ms"] > 0  # read back from /metrics
     assert report["summary"]["goals"]["no_errors_below_capacity"]["met"] is True
