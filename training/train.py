@@ -79,6 +79,11 @@ class TrainConfig:
     bootstrap: int = 2000
     calibration_images: int = 256  # BN statistics of the folded ImageNet weights (training images)
     progress: bool = True
+    schedule: str = "study"  # see SCHEDULES; the model card compares them
+
+    @property
+    def stages(self) -> List["Stage"]:
+        return schedule_stages(self)
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -96,6 +101,51 @@ class FoldResult:
     test_probs: List[float]
     seconds: float
     history: List[Dict[str, float]] = field(default_factory=list)
+    # per stage, the stage epoch of its last improvement of the validation best (final fit replays these)
+    stage_epochs: List[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of training: which parameters learn, at what rate, for how many epochs."""
+
+    name: str
+    trains: str  # "tail": every parameter after the frozen trunk; "head": the classifier alone
+    lr: float
+    max_epochs: int
+    patience: int
+    warmup_epochs: int = 0
+    cosine: bool = False  # linear warm-up, then cosine decay to 1% of lr at max_epochs
+
+    def lr_at(self, stage_epoch: int) -> float:
+        """Learning rate of 1-based ``stage_epoch``; a function of the epoch alone, so resuming needs no scheduler state."""
+        if not self.cosine:
+            return self.lr
+        if stage_epoch <= self.warmup_epochs:
+            return self.lr * stage_epoch / (self.warmup_epochs + 1)
+        progress = (stage_epoch - self.warmup_epochs - 1) / max(1, self.max_epochs - self.warmup_epochs - 1)
+        return self.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+SCHEDULES = ("study", "three-stage")
+
+
+def schedule_stages(cfg: "TrainConfig") -> List[Stage]:
+    """``study``: the published recipe, Adam at ``lr`` until validation F1 stalls.
+
+    ``three-stage`` (the MRI study's): the head alone on the frozen backbone at 10x ``lr``, then
+    the whole trainable tail at ``lr``/10, then a longer run with warm-up to 3x ``lr`` and cosine
+    decay. Each stage starts from the best validation weights so far.
+    """
+    if cfg.schedule == "study":
+        return [Stage("study", "tail", cfg.lr, cfg.max_epochs, cfg.patience)]
+    if cfg.schedule == "three-stage":
+        return [
+            Stage("head", "head", cfg.lr * 10, max(1, cfg.max_epochs // 4), max(1, cfg.patience // 2)),
+            Stage("fine-tune", "tail", cfg.lr / 10, max(1, cfg.max_epochs // 2), max(1, cfg.patience // 2)),
+            Stage("aggressive", "tail", cfg.lr * 3, cfg.max_epochs, cfg.patience, warmup_epochs=2, cosine=True),
+        ]
+    raise ValueError("unknown schedule {!r}; choose from {}".format(cfg.schedule, ", ".join(SCHEDULES)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,9 +238,12 @@ def train_one_epoch(
     cfg: TrainConfig,
     seed: int,
     bar_label: str,
+    frozen: Optional[nn.Module] = None,
 ) -> float:
     dev = next(tail.parameters()).device
     tail.train()
+    if frozen is not None:
+        frozen.eval()  # a frozen backbone keeps its BatchNorm statistics too
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_idx), generator=generator)
@@ -244,19 +297,39 @@ def _write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _trainable(tail: nn.Sequential, stage: Stage) -> List[nn.Parameter]:
+    """Set requires_grad for ``stage`` and return the parameters it trains."""
+    learning = tail[-1] if stage.trains == "head" else tail
+    for parameter in tail.parameters():
+        parameter.requires_grad_(False)
+    for parameter in learning.parameters():
+        parameter.requires_grad_(True)
+    return [p for p in learning.parameters()]
+
+
 def fit(
     cfg: TrainConfig,
     data: Dataset,
     bank: FeatureBank,
     train_idx: Sequence[int],
     val_idx: Optional[Sequence[int]],
-    epochs: int,
+    stage_epochs: Optional[Sequence[int]],
     checkpoint: Path,
     seed: int,
     label: str,
 ) -> Tuple[MobileNetV2, nn.Module, Dict[str, Any]]:
-    """Train the tail; with ``val_idx`` early-stop on validation F1 and keep the best epoch's weights."""
+    """Train the tail through the schedule's stages.
+
+    With ``val_idx``: each stage runs until validation F1 has not improved for its patience (or its
+    maximum), the next stage starts from the best weights so far, and the best weights are returned.
+    Without: stage ``s`` runs exactly ``stage_epochs[s]`` epochs (the final fit).
+    """
     dev = device()
+    stages = cfg.stages
+    validating = val_idx is not None
+    if not validating and (stage_epochs is None or len(stage_epochs) != len(stages)):
+        raise ValueError("a fit without validation needs one epoch count per stage")
+    torch.manual_seed(seed)  # the fresh head's initial weights
     model = make_model(cfg)
     trunk, tail = split_model(model, cfg.train_from)
     for parameter in trunk.parameters():
@@ -269,46 +342,77 @@ def fit(
     model = model.to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = torch.optim.Adam([p for p in tail.parameters() if p.requires_grad], lr=cfg.lr)
-    state: Dict[str, Any] = {"epoch": 0, "best_f1": -1.0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    state: Dict[str, Any] = {
+        "epoch": 0, "stage": 0, "stage_epoch": 0, "best_f1": -1.0, "best_loss": math.inf, "best_epoch": 0,
+        "bad_epochs": 0, "stage_epochs": [0] * len(stages), "history": [],
+    }
     best_weights: Optional[Dict[str, torch.Tensor]] = None
+    optimizer_state: Optional[Dict[str, Any]] = None
     if resuming:
         saved = torch.load(checkpoint, map_location=dev, weights_only=False)
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer_state = saved["optimizer"]
         best_weights = saved["best_weights"]
-        state = saved["state"]
+        state.update(saved["state"])
         LOG.info("%s: resumed from %s at epoch %d", label, checkpoint, state["epoch"])
     labels = torch.from_numpy(data.labels[list(train_idx)])
     val_inputs = bank.clean[list(val_idx)] if val_idx is not None else None
     val_labels = data.labels[list(val_idx)] if val_idx is not None else None
-    bar = tqdm(total=epochs, initial=state["epoch"], desc=label, disable=not cfg.progress, file=sys.stderr)
-    while state["epoch"] < epochs and (val_idx is None or state["bad_epochs"] < cfg.patience):
-        epoch = state["epoch"] + 1
-        started = time.time()
-        train_loss = train_one_epoch(tail, optimizer, bank, train_index, labels, cfg, seed * 1000 + epoch, "{} ep{}".format(label, epoch))
-        record: Dict[str, float] = {"epoch": epoch, "train_loss": train_loss}
-        if val_inputs is not None and val_labels is not None:
-            probs = predict(tail, val_inputs, cfg)
-            val = point_metrics(val_labels, probs, np.full(probs.shape, 0.5))
-            record.update({"val_loss": val["loss"], "val_f1": val["f1"], "val_acc": val["accuracy"], "val_auc": val["auc"]})
-            improved = val["f1"] > state["best_f1"] + 1e-9 or (
-                abs(val["f1"] - state["best_f1"]) <= 1e-9 and val["loss"] < state["best_loss"]
-            )
-            if improved:
-                state.update(best_f1=val["f1"], best_loss=val["loss"], best_epoch=epoch, bad_epochs=0)
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    total = sum(s.max_epochs for s in stages) if validating else sum(stage_epochs or [])
+    bar = tqdm(total=total, initial=state["epoch"], desc=label, disable=not cfg.progress, file=sys.stderr)
+
+    def save(optimizer: Optional[torch.optim.Optimizer]) -> None:
+        _save_atomic(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None, "best_weights": best_weights, "state": state},
+            checkpoint,
+        )
+
+    while state["stage"] < len(stages):
+        stage = stages[state["stage"]]
+        limit = stage.max_epochs if validating else int((stage_epochs or [])[state["stage"]])
+        optimizer = torch.optim.Adam(_trainable(tail, stage), lr=stage.lr)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+            optimizer_state = None
+        frozen = tail[0] if stage.trains == "head" else None
+        while state["stage_epoch"] < limit and (not validating or state["bad_epochs"] < stage.patience):
+            epoch, stage_epoch = state["epoch"] + 1, state["stage_epoch"] + 1
+            started = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = stage.lr_at(stage_epoch)
+            tag = "{} ep{}".format(label, epoch)
+            train_loss = train_one_epoch(tail, optimizer, bank, train_index, labels, cfg, seed * 1000 + epoch, tag, frozen)
+            record: Dict[str, float] = {"epoch": epoch, "train_loss": train_loss}
+            if len(stages) > 1:
+                record.update({"stage": state["stage"], "lr": stage.lr_at(stage_epoch)})
+            if val_inputs is not None and val_labels is not None:
+                probs = predict(tail, val_inputs, cfg)
+                val = point_metrics(val_labels, probs, np.full(probs.shape, 0.5))
+                record.update({"val_loss": val["loss"], "val_f1": val["f1"], "val_acc": val["accuracy"], "val_auc": val["auc"]})
+                improved = val["f1"] > state["best_f1"] + 1e-9 or (
+                    abs(val["f1"] - state["best_f1"]) <= 1e-9 and val["loss"] < state["best_loss"]
+                )
+                if improved:
+                    state.update(best_f1=val["f1"], best_loss=val["loss"], best_epoch=epoch, bad_epochs=0)
+                    state["stage_epochs"][state["stage"]] = stage_epoch
+                    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    state["bad_epochs"] += 1
             else:
-                state["bad_epochs"] += 1
-        record["seconds"] = time.time() - started
-        state["epoch"] = epoch
-        state["history"].append(record)
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_weights": best_weights, "state": state}, checkpoint)
-        LOG.info("%s epoch %d: %s", label, epoch, " ".join("{}={:.4f}".format(k, v) for k, v in record.items() if k != "epoch"))
-        bar.update(1)
-        bar.set_postfix({k: round(v, 3) for k, v in record.items() if k in ("train_loss", "val_f1", "val_auc")})
+                state["stage_epochs"][state["stage"]] = stage_epoch
+            record["seconds"] = time.time() - started
+            state["epoch"], state["stage_epoch"] = epoch, stage_epoch
+            state["history"].append(record)
+            save(optimizer)
+            LOG.info("%s epoch %d: %s", label, epoch, " ".join("{}={:.4g}".format(k, v) if k == "lr" else "{}={:.4f}".format(k, v) for k, v in record.items() if k != "epoch"))
+            bar.update(1)
+            bar.set_postfix({k: round(v, 3) for k, v in record.items() if k in ("train_loss", "val_f1", "val_auc")})
+        state.update(stage=state["stage"] + 1, stage_epoch=0, bad_epochs=0)
+        if validating and best_weights is not None:
+            model.load_state_dict(best_weights)  # the next stage starts from the best so far
+        save(None)
     bar.close()
-    if val_idx is not None and best_weights is not None:
+    if validating and best_weights is not None:
         model.load_state_dict(best_weights)
     else:
         state["best_epoch"] = state["epoch"]
@@ -378,7 +482,7 @@ def run_fold(cfg: TrainConfig, data: Dataset, bank: FeatureBank, k: int, fold: D
         LOG.info("fold %d: already done (%s)", k, result_path)
         return FoldResult(**json.loads(result_path.read_text()))
     started = time.time()
-    model, tail, state = fit(cfg, data, bank, fold["train"], fold["val"], cfg.max_epochs, fold_dir / "checkpoint.pt", cfg.seed + 100 * (k + 1), "fold {}".format(k))
+    model, tail, state = fit(cfg, data, bank, fold["train"], fold["val"], None, fold_dir / "checkpoint.pt", cfg.seed + 100 * (k + 1), "fold {}".format(k))
     val_probs = predict(tail, bank.clean[fold["val"]], cfg)
     threshold = choose_threshold(data.labels[fold["val"]], val_probs)
     test_probs = predict(tail, bank.clean[fold["test"]], cfg)
@@ -392,6 +496,7 @@ def run_fold(cfg: TrainConfig, data: Dataset, bank: FeatureBank, k: int, fold: D
         test_probs=[float(p) for p in test_probs],
         seconds=time.time() - started,
         history=state["history"],
+        stage_epochs=[int(e) for e in state["stage_epochs"]],
     )
     diff = export_onnx(
         model.cpu(), fold_dir / "model.onnx", cfg.spec, threshold, "{}-fold{}".format(cfg.version, k), data.sha256,
@@ -437,7 +542,7 @@ def summarize(data: Dataset, results: List[FoldResult], cfg: TrainConfig) -> Dic
 
 
 # settings that do not change what is trained
-_RUN_IRRELEVANT = ("progress", "resume", "threads", "bootstrap", "cv_dir", "output", "version", "final")
+_RUN_IRRELEVANT = ("progress", "resume", "threads", "bootstrap", "cv_dir", "output", "version", "final", "run_dir")
 
 
 def _check_run_config(cfg: TrainConfig) -> None:
@@ -445,7 +550,7 @@ def _check_run_config(cfg: TrainConfig) -> None:
     path = Path(cfg.run_dir) / "cv" / "config.json"
     current = {k: v for k, v in asdict(cfg).items() if k not in _RUN_IRRELEVANT}
     if path.is_file() and cfg.resume:
-        previous = json.loads(path.read_text())
+        previous = {k: v for k, v in json.loads(path.read_text()).items() if k not in _RUN_IRRELEVANT}
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:
             raise SystemExit(
@@ -474,11 +579,23 @@ def cross_validate(cfg: TrainConfig, data: Dataset, bank: FeatureBank) -> Tuple[
     return results, summary
 
 
+def final_stage_epochs(results: List[FoldResult], n_stages: int) -> List[int]:
+    """Per stage, the median over folds of the epochs that stage ran before its last improvement."""
+    per_fold = [r.stage_epochs if r.stage_epochs else [r.best_epoch] for r in results]
+    if any(len(e) != n_stages for e in per_fold):
+        raise ValueError("the folds were trained with another number of stages")
+    return [int(round(float(np.median([e[s] for e in per_fold])))) for s in range(n_stages)]
+
+
 def final_fit(cfg: TrainConfig, data: Dataset, bank: FeatureBank, results: List[FoldResult], summary: Dict[str, Any]) -> Path:
-    epochs = int(round(float(np.median([r.best_epoch for r in results]))))
+    stage_epochs = final_stage_epochs(results, len(cfg.stages))
+    epochs = sum(stage_epochs)
     threshold = float(np.median([r.threshold for r in results]))
-    LOG.info("final fit: %d images, %d epochs (median best epoch), threshold %.4f (median validation threshold)", len(data.records), epochs, threshold)
-    model, _tail, _state = fit(cfg, data, bank, list(range(len(data.records))), None, epochs, Path(cfg.run_dir) / "final" / "checkpoint.pt", cfg.seed, "final")
+    LOG.info(
+        "final fit: %d images, %d epochs (median best epoch per stage: %s), threshold %.4f (median validation threshold)",
+        len(data.records), epochs, stage_epochs, threshold,
+    )
+    model, _tail, _state = fit(cfg, data, bank, list(range(len(data.records))), None, stage_epochs, Path(cfg.run_dir) / "final" / "checkpoint.pt", cfg.seed, "final")
     pooled = summary["pooled_oof"]
     cv_metrics = {
         "folds": cfg.folds,
@@ -488,10 +605,10 @@ def final_fit(cfg: TrainConfig, data: Dataset, bank: FeatureBank, results: List[
     }
     diff = export_onnx(
         model.cpu(), Path(cfg.output), cfg.spec, threshold, cfg.version, data.sha256, cv_metrics,
-        extra_metadata={"training": json.dumps({"images": len(data.records), "epochs": epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "color_aug": cfg.color_aug})},
+        extra_metadata={"training": json.dumps({"images": len(data.records), "epochs": epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "color_aug": cfg.color_aug, "schedule": cfg.schedule, "stage_epochs": stage_epochs})},
     )
     LOG.info("final model exported to %s (|ORT-torch| %.1e)", cfg.output, diff)
-    _write_json({"epochs": epochs, "threshold": threshold, "ort_max_abs_diff": diff, "output": _relative(Path(cfg.output))}, Path(cfg.cv_dir) / "final.json")
+    _write_json({"epochs": epochs, "stage_epochs": stage_epochs, "schedule": cfg.schedule, "threshold": threshold, "ort_max_abs_diff": diff, "output": _relative(Path(cfg.output))}, Path(cfg.cv_dir) / "final.json")
     return Path(cfg.output)
 
 
@@ -556,13 +673,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the intervals")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="study: one stage at --lr; three-stage: head, fine-tune, aggressive")
     a = p.parse_args(argv)
     return TrainConfig(
         data_dir=a.data_dir, weights=a.weights, run_dir=a.run_dir, cv_dir=a.cv_dir, output=a.output, version=a.version,
         folds=a.folds, seed=a.seed, max_epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
         width=a.width, input_size=a.input_size, subset=a.subset, pretrained=a.pretrained, color_aug=a.color_aug,
         bf16=a.bf16, channels_last=a.channels_last, threads=a.threads, train_from=a.train_from, bank_views=a.bank_views, final=a.final, resume=a.resume,
-        bootstrap=a.bootstrap, progress=a.progress,
+        bootstrap=a.bootstrap, progress=a.progress, schedule=a.schedule,
     )
 
 
