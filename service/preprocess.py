@@ -357,7 +357,7 @@ def _clip_polygon(points: np.ndarray, x0: float, y0: float, x1: float, y1: float
         previous = np.roll(points, 1, axis=0)
         inside = points[:, axis] >= bound if keep_above else points[:, axis] <= bound
         crossing = inside != np.roll(inside, 1)
-        with np.errstate(divide="ignore", invalid="ignore"):  # only crossing edges are used
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # only crossing edges are used: their fraction is in [0, 1]
             fraction = (bound - previous[:, axis]) / (points[:, axis] - previous[:, axis])
             crossings = previous + fraction[:, np.newaxis] * (points - previous)
         crossings[:, axis] = bound
