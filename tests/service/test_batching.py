@@ -10,7 +10,7 @@ from typing import List
 import numpy as np
 import pytest
 
-from service.batching import WARMUP_TIMED_ROUNDS, MicroBatcher
+from service.batching import WARMUP_IMAGES_PER_BLOCK, WARMUP_TIMED_ROUNDS, MicroBatcher
 from service.errors import InferenceFailed, NotReady, Overloaded
 from service.runtime.base import InferenceBackend
 
@@ -227,8 +227,9 @@ def test_auto_turns_batching_off_when_a_batch_costs_more_per_image(caplog: pytes
     batcher.stop()
     assert batcher.batch_limit == 1 and batcher.max_batch == 4
     assert backend.calls[warmup_calls:] == [1] * 6
-    # One untimed call per shape, then timed rounds of one call per shape.
-    assert backend.calls[:warmup_calls] == [1, 4] * (1 + WARMUP_TIMED_ROUNDS)
+    # One untimed call per shape, then rounds of one block per shape (an untimed call + timed calls).
+    block = [1] * (1 + WARMUP_IMAGES_PER_BLOCK) + [4] * (1 + max(2, WARMUP_IMAGES_PER_BLOCK // 4))
+    assert backend.calls[:warmup_calls] == [1, 4] + block * WARMUP_TIMED_ROUNDS
     ms = batcher.warmup_ms_per_image
     assert set(ms) == {1, 4} and ms[4] > ms[1] >= 1.0
     record = next(r for r in caplog.records if r.getMessage() == "batching off")
@@ -274,3 +275,26 @@ def test_the_backend_cap_bounds_the_limit() -> None:
 def test_unknown_batching_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="batching"):
         MicroBatcher(MeanBackend, batching="sometimes")
+
+
+class CacheBackend(CostBackend):
+    """A single image right after a batch runs slower (the batch evicted its caches), as on CPUs."""
+
+    def __init__(self) -> None:
+        super().__init__(call_seconds=0.0, image_seconds=0.001, batch_penalty=1.15)
+        self._last_batch = 1
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) == 1 and self._last_batch > 1:
+            time.sleep(0.0015)  # cold caches
+        self._last_batch = len(batch)
+        return super().infer(batch)
+
+
+def test_auto_times_each_shape_in_steady_state_not_right_after_the_other() -> None:
+    # Steady state: 1 ms alone, 1.15 ms per image in a batch; a lone call after a batch costs 2.5 ms.
+    # Interleaved single calls would make the batch look cheaper; blocks see the steady state.
+    batcher = decided(CacheBackend(), "auto")
+    batcher.stop()
+    assert batcher.batch_limit == 1
+    assert batcher.warmup_ms_per_image[1] < 1.5
