@@ -24,9 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from service.config import PRECISIONS
+
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "cp-anemic"
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 COMMANDS = ("build", "quantize", "evaluate", "benchmark", "saturation")
 
 

@@ -16,12 +16,11 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import onnx
 
-from service.engines import EngineEntry, EngineManifest, make_entry, reusable_entry
+from service.builders import start_build
+from service.engines import EngineEntry, make_entry
 from service.errors import EngineError
 from service.model_info import ModelInfo
-from service.runtime import engine_key
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: INT4 everywhere it measures acceptably: the 1x1 convolutions. The stem, the depthwise layers
 #: (9 weights per channel) and the classifier stay float (docs/quantization.md has the numbers).
 DEFAULT_INT4_KEEP_FLOAT = ("first_conv", "classifier")
@@ -69,15 +68,11 @@ def build_onnxruntime_engine(
     **_ignored: object,
 ) -> EngineEntry:
     """Build (or reuse, unless ``force``) the ONNX Runtime artifact of ``model_path`` at ``precision``."""
-    if precision not in PRECISIONS:
-        raise EngineError("unknown precision {!r}; use one of {}".format(precision, ", ".join(PRECISIONS)))
     model_path, engine_dir = Path(model_path), Path(engine_dir)
-    model = ModelInfo.from_onnx(model_path)
-    key = engine_key(model, precision, "onnxruntime")
-    manifest = EngineManifest.load(engine_dir)
-    existing = reusable_entry(manifest, key, force)
-    if existing is not None:
-        return existing
+    start = start_build(model_path, precision, "onnxruntime", engine_dir, force)
+    if start.existing is not None:
+        return start.existing
+    model, key, manifest = start.model, start.key, start.manifest
     engine_dir.mkdir(parents=True, exist_ok=True)
     target = engine_dir / key.file_name(".onnx")
     started = time.perf_counter()

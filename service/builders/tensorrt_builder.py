@@ -20,13 +20,12 @@ from typing import Any, Dict, List, Optional
 
 import onnx
 
-from service.engines import EngineEntry, EngineManifest, make_entry, reusable_entry, slug
+from service.builders import start_build
+from service.engines import EngineEntry, make_entry, slug
 from service.errors import EngineError
 from service.model_info import INPUT_NAME, ModelInfo
-from service.runtime import engine_key
 from service.runtime import trt_compat as compat
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 DEFAULT_WORKSPACE_MIB = 256
 DEFAULT_MAX_BATCH = 8
 MIB = 1024 * 1024
@@ -83,15 +82,11 @@ def build_tensorrt_engine(
     """Build (or reuse, unless ``force``) the TensorRT engine of ``model_path`` at ``precision``."""
     import tensorrt as trt
 
-    if precision not in PRECISIONS:
-        raise EngineError("unknown precision {!r}; use one of {}".format(precision, ", ".join(PRECISIONS)))
     model_path, engine_dir = Path(model_path), Path(engine_dir)
-    model = ModelInfo.from_onnx(model_path)
-    key = engine_key(model, precision, "tensorrt")
-    manifest = EngineManifest.load(engine_dir)
-    existing = reusable_entry(manifest, key, force)
-    if existing is not None:
-        return existing
+    start = start_build(model_path, precision, "tensorrt", engine_dir, force)
+    if start.existing is not None:
+        return start.existing
+    model, key, manifest = start.model, start.key, start.manifest
 
     logger = compat.make_logger(verbose)
     builder = trt.Builder(logger)
