@@ -36,6 +36,12 @@ def point_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray)
     }
 
 
+def _group_members(groups: Sequence[object]) -> List[np.ndarray]:
+    _keys, inverse = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+
+
 def bootstrap_metrics(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -43,8 +49,14 @@ def bootstrap_metrics(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    groups: Optional[Sequence[object]] = None,
 ) -> Dict[str, Dict[str, float]]:
-    """Point estimate and percentile bootstrap interval (resampling images) for each metric."""
+    """Point estimate and percentile bootstrap interval for each metric.
+
+    Without ``groups`` the bootstrap resamples images. With ``groups`` (one duplicate-cluster id per
+    image) it resamples clusters, i.e. photographs: copies of one photograph are not independent
+    evidence, and resampling them one by one would give intervals that are too narrow.
+    """
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
     thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), probs.shape)
@@ -52,8 +64,12 @@ def bootstrap_metrics(
     rng = np.random.default_rng(seed)
     samples: Dict[str, List[float]] = {name: [] for name in METRIC_NAMES}
     n = len(labels)
+    members = _group_members(groups) if groups is not None else None
     for _ in range(n_boot):
-        index = rng.integers(0, n, n)
+        if members is None:
+            index = rng.integers(0, n, n)
+        else:
+            index = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         if len(np.unique(labels[index])) < 2:
             continue
         values = point_metrics(labels[index], probs[index], thresholds[index])
@@ -92,15 +108,20 @@ def subgroup_table(
     groups: Sequence[str],
     n_boot: int = 1000,
     seed: int = 0,
+    clusters: Optional[Sequence[object]] = None,
 ) -> List[Dict[str, object]]:
-    """Per-group n, prevalence, accuracy, sensitivity, specificity, AUC (95% bootstrap CI for acc/AUC)."""
+    """Per-group n, prevalence, accuracy, sensitivity, specificity, AUC (95% bootstrap CI for acc/AUC).
+
+    ``clusters``: duplicate-cluster id per image; the intervals then resample clusters.
+    """
     groups_array = np.asarray(groups)
     thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), np.shape(probs))
     rows: List[Dict[str, object]] = []
     for group in sorted(set(groups_array.tolist())):
         mask = groups_array == group
         g_labels, g_probs, g_thr = np.asarray(labels)[mask], np.asarray(probs)[mask], thresholds[mask]
-        stats = bootstrap_metrics(g_labels, g_probs, g_thr, n_boot=n_boot, seed=seed) if len(np.unique(g_labels)) == 2 else None
+        g_clusters = [c for c, m in zip(clusters, mask) if m] if clusters is not None else None
+        stats = bootstrap_metrics(g_labels, g_probs, g_thr, n_boot=n_boot, seed=seed, groups=g_clusters) if len(np.unique(g_labels)) == 2 else None
         point = point_metrics(g_labels, g_probs, g_thr)
         rows.append(
             {

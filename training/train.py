@@ -33,13 +33,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch import nn
 from tqdm import tqdm
 
 from service.preprocess import PreprocessSpec
 from training.data import DEFAULT_DATA_DIR, AugmentConfig, Dataset, augment_batch, load_dataset
+from training.duplicates import DEFAULT_OUTPUT as DEFAULT_CLUSTERS
+from training.duplicates import load_clusters
 from training.export import export_onnx
+from training.grouping import cluster_ids, grouped_folds, one_per_cluster
 from training.metrics import bootstrap_metrics, choose_threshold, point_metrics, subgroup_table
 from training.mobilenetv2 import MobileNetV2
 from training.tflite_weights import DEFAULT_TFLITE_PATH, load_imagenet_weights, unfold_batchnorm
@@ -55,6 +57,8 @@ class TrainConfig:
     run_dir: str = str(REPO_ROOT / "runs")  # checkpoints, per-fold models, logs (git-ignored)
     cv_dir: str = str(REPO_ROOT / "models" / "cv")  # folds.json, oof_predictions.csv, cv_metrics.json
     output: str = str(REPO_ROOT / "models" / "anemia_mobilenetv2.onnx")
+    # duplicate clusters (python -m training.duplicates): folds, intervals and epochs work on them
+    clusters: str = str(DEFAULT_CLUSTERS)
     version: str = "1.0.0"
     folds: int = 5
     seed: int = 42
@@ -100,6 +104,9 @@ class FoldResult:
     test_indices: List[int]
     test_probs: List[float]
     seconds: float
+    # the validation split's predictions by the returned weights (operating point and calibration use them)
+    val_indices: List[int] = field(default_factory=list)
+    val_probs: List[float] = field(default_factory=list)
     history: List[Dict[str, float]] = field(default_factory=list)
     # per stage, the stage epoch of its last improvement of the validation best (final fit replays these)
     stage_epochs: List[int] = field(default_factory=list)
@@ -355,7 +362,7 @@ def fit(
         best_weights = saved["best_weights"]
         state.update(saved["state"])
         LOG.info("%s: resumed from %s at epoch %d", label, checkpoint, state["epoch"])
-    labels = torch.from_numpy(data.labels[list(train_idx)])
+    groups = cluster_ids(data.image_ids, load_clusters(Path(cfg.clusters)))
     val_inputs = bank.clean[list(val_idx)] if val_idx is not None else None
     val_labels = data.labels[list(val_idx)] if val_idx is not None else None
     total = sum(s.max_epochs for s in stages) if validating else sum(stage_epochs or [])
@@ -381,7 +388,10 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = stage.lr_at(stage_epoch)
             tag = "{} ep{}".format(label, epoch)
-            train_loss = train_one_epoch(tail, optimizer, bank, train_index, labels, cfg, seed * 1000 + epoch, tag, frozen)
+            # each photograph once per epoch, through a randomly chosen copy of it
+            epoch_index = torch.as_tensor(one_per_cluster(train_idx, groups, np.random.default_rng(seed * 1000 + epoch)), dtype=torch.long)
+            epoch_labels = torch.from_numpy(data.labels[epoch_index.numpy()])
+            train_loss = train_one_epoch(tail, optimizer, bank, epoch_index, epoch_labels, cfg, seed * 1000 + epoch, tag, frozen)
             record: Dict[str, float] = {"epoch": epoch, "train_loss": train_loss}
             if len(stages) > 1:
                 record.update({"stage": state["stage"], "lr": stage.lr_at(stage_epoch)})
@@ -424,16 +434,9 @@ def fit(
 
 
 def make_folds(data: Dataset, cfg: TrainConfig) -> List[Dict[str, List[int]]]:
-    """Stratified k folds; validation = stratified ``val_fraction`` of each fold's training part."""
-    labels = data.labels
-    splitter = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
-    folds = []
-    for k, (train_all, test) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        train, val = train_test_split(
-            train_all, test_size=cfg.val_fraction, stratify=labels[train_all], random_state=cfg.seed + k
-        )
-        folds.append({"train": sorted(int(i) for i in train), "val": sorted(int(i) for i in val), "test": sorted(int(i) for i in test)})
-    return folds
+    """k folds grouped by photograph (duplicate cluster), validation carved by cluster too."""
+    groups = cluster_ids(data.image_ids, load_clusters(Path(cfg.clusters)))
+    return grouped_folds(data.labels, groups, cfg.folds, cfg.val_fraction, cfg.seed)
 
 
 def write_folds(data: Dataset, folds: List[Dict[str, List[int]]], cfg: TrainConfig, path: Path) -> None:
@@ -443,6 +446,7 @@ def write_folds(data: Dataset, folds: List[Dict[str, List[int]]], cfg: TrainConf
             "seed": cfg.seed,
             "n_folds": cfg.folds,
             "val_fraction": cfg.val_fraction,
+            "grouped_by": "duplicate clusters ({}, {} clusters)".format(_relative(Path(cfg.clusters)), len(set(load_clusters(Path(cfg.clusters)).values()))),
             "training_data_sha256": data.sha256,
             "folds": [
                 {
@@ -475,6 +479,19 @@ def write_oof(data: Dataset, results: List[FoldResult], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_val_predictions(data: Dataset, results: List[FoldResult], path: Path) -> None:
+    """Each fold's validation split scored by that fold's model: what the operating point is chosen on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "fold", "label", "probability"])
+        for result in results:
+            for index, prob in sorted(zip(result.val_indices, result.val_probs)):
+                writer.writerow([data.records[index].image_id, result.fold, data.records[index].label, "{:.6f}".format(prob)])
+    os.replace(tmp, path)
+
+
 def run_fold(cfg: TrainConfig, data: Dataset, bank: FeatureBank, k: int, fold: Dict[str, List[int]]) -> FoldResult:
     fold_dir = Path(cfg.run_dir) / "cv" / "fold{}".format(k)
     result_path = fold_dir / "result.json"
@@ -497,6 +514,8 @@ def run_fold(cfg: TrainConfig, data: Dataset, bank: FeatureBank, k: int, fold: D
         seconds=time.time() - started,
         history=state["history"],
         stage_epochs=[int(e) for e in state["stage_epochs"]],
+        val_indices=list(fold["val"]),
+        val_probs=[float(p) for p in val_probs],
     )
     diff = export_onnx(
         model.cpu(), fold_dir / "model.onnx", cfg.spec, threshold, "{}-fold{}".format(cfg.version, k), data.sha256,
@@ -512,10 +531,11 @@ def summarize(data: Dataset, results: List[FoldResult], cfg: TrainConfig) -> Dic
     all_idx: List[int] = []
     all_probs: List[float] = []
     all_thr: List[float] = []
+    groups = cluster_ids(data.image_ids, load_clusters(Path(cfg.clusters)))
     for result in results:
         labels = data.labels[result.test_indices]
         probs = np.asarray(result.test_probs)
-        stats = bootstrap_metrics(labels, probs, np.full(probs.shape, result.threshold), n_boot=cfg.bootstrap, seed=cfg.seed)
+        stats = bootstrap_metrics(labels, probs, np.full(probs.shape, result.threshold), n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups[result.test_indices])
         per_fold.append({"fold": result.fold, "n": len(labels), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "threshold": result.threshold, "metrics": stats})
         all_idx += result.test_indices
         all_probs += result.test_probs
@@ -523,15 +543,17 @@ def summarize(data: Dataset, results: List[FoldResult], cfg: TrainConfig) -> Dic
     labels = data.labels[all_idx]
     probs, thresholds = np.asarray(all_probs), np.asarray(all_thr)
     records = [data.records[i] for i in all_idx]
-    pooled = bootstrap_metrics(labels, probs, thresholds, n_boot=cfg.bootstrap, seed=cfg.seed)
+    clusters = groups[all_idx]
+    pooled = bootstrap_metrics(labels, probs, thresholds, n_boot=cfg.bootstrap, seed=cfg.seed, groups=clusters)
     pooled_at_half = point_metrics(labels, probs, np.full(probs.shape, 0.5))
     subgroups = {
-        "gender": subgroup_table(labels, probs, thresholds, [r.gender for r in records], n_boot=cfg.bootstrap // 2, seed=cfg.seed),
-        "age_band": subgroup_table(labels, probs, thresholds, [r.age_band for r in records], n_boot=cfg.bootstrap // 2, seed=cfg.seed),
-        "hospital": subgroup_table(labels, probs, thresholds, [r.hospital for r in records], n_boot=cfg.bootstrap // 2, seed=cfg.seed),
+        name: subgroup_table(labels, probs, thresholds, [getattr(r, name) for r in records], n_boot=cfg.bootstrap // 2, seed=cfg.seed, clusters=clusters)
+        for name in ("gender", "age_band", "hospital")
     }
     return {
         "n_images": len(all_idx),
+        "n_photographs": int(len(np.unique(clusters))),
+        "interval": "95% percentile bootstrap over duplicate clusters (photographs), {} resamples".format(cfg.bootstrap),
         "per_fold": per_fold,
         "pooled_oof": pooled,
         "pooled_oof_at_0.5": pooled_at_half,
@@ -549,6 +571,8 @@ def _check_run_config(cfg: TrainConfig) -> None:
     """Refuse to resume checkpoints written by a different configuration."""
     path = Path(cfg.run_dir) / "cv" / "config.json"
     current = {k: v for k, v in asdict(cfg).items() if k not in _RUN_IRRELEVANT}
+    # the folds depend on the clusters' contents, not on where the file lies
+    current["clusters"] = hashlib.sha256(Path(cfg.clusters).read_bytes()).hexdigest()
     if path.is_file() and cfg.resume:
         previous = {k: v for k, v in json.loads(path.read_text()).items() if k not in _RUN_IRRELEVANT}
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
@@ -574,6 +598,7 @@ def cross_validate(cfg: TrainConfig, data: Dataset, bank: FeatureBank) -> Tuple[
     for k, fold in enumerate(tqdm(folds, desc="folds", disable=not cfg.progress, file=sys.stderr)):
         results.append(run_fold(cfg, data, bank, k, fold))
         write_oof(data, results, cv_dir / "oof_predictions.csv")
+        write_val_predictions(data, results, cv_dir / "val_predictions.csv")
     summary = summarize(data, results, cfg)
     _write_json(summary, cv_dir / "cv_metrics.json")
     return results, summary
@@ -652,6 +677,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     p.add_argument("--run-dir", default=d.run_dir, help="checkpoints, per-fold ONNX models, progress.log")
     p.add_argument("--cv-dir", default=d.cv_dir, help="folds.json, oof_predictions.csv, cv_metrics.json")
     p.add_argument("--output", default=d.output, help="final ONNX model")
+    p.add_argument("--clusters", default=d.clusters, help="duplicate clusters (python -m training.duplicates); folds never split one")
     p.add_argument("--version", default=d.version)
     p.add_argument("--folds", type=int, default=d.folds)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -676,7 +702,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="study: one stage at --lr; three-stage: head, fine-tune, aggressive")
     a = p.parse_args(argv)
     return TrainConfig(
-        data_dir=a.data_dir, weights=a.weights, run_dir=a.run_dir, cv_dir=a.cv_dir, output=a.output, version=a.version,
+        data_dir=a.data_dir, weights=a.weights, run_dir=a.run_dir, cv_dir=a.cv_dir, output=a.output, clusters=a.clusters, version=a.version,
         folds=a.folds, seed=a.seed, max_epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
         width=a.width, input_size=a.input_size, subset=a.subset, pretrained=a.pretrained, color_aug=a.color_aug,
         bf16=a.bf16, channels_last=a.channels_last, threads=a.threads, train_from=a.train_from, bank_views=a.bank_views, final=a.final, resume=a.resume,
