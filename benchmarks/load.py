@@ -755,7 +755,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     from service.config import load_settings
     from service.model_info import ModelInfo
-    from service.runtime import resolve_engine
+    from service.startup import resolve_engine
 
     model = ModelInfo.from_onnx(args.model)
     settings = load_settings(model=args.model, engine_dir=args.engine_dir, precision=args.precision, backend="onnxruntime", auto_build=True)

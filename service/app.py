@@ -48,8 +48,8 @@ from service.preprocess import (
     parse_roi_json,
     preprocess_decoded,
 )
-from service.runtime import BackendFactory, ResolvedEngine, backend_factory, resolve_engine
 from service.schemas import ErrorBody, ModelDescription, Prediction, Status
+from service.startup import BackendFactory, ResolvedEngine, backend_factory, resolve_engine
 
 logger = logging.getLogger("service.app")
 

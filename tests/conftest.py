@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from service.builders import build_engine
+from engine_build.build import build_engine
 from service.config import Settings, load_settings
 from tests.images import conjunctiva_rgba, encode, rgb_photo
 from tests.model_factory import make_test_model

@@ -12,8 +12,8 @@ import pytest
 import build_engines
 from service.engines import EngineManifest
 from service.preprocess import PreprocessSpec
-from service.quantization import graph as g
-from service.quantization.oof import labelled_images
+from engine_build.quantization import graph as g
+from evaluation.oof import labelled_images
 from tests.images import conjunctiva_rgba, encode
 from tests.model_factory import make_test_model
 
@@ -92,7 +92,7 @@ def test_out_of_fold_evaluation_scores_each_image_once_with_models_that_never_sa
     assert sorted(report["image_ids"]) == sorted(labelled_images(dataset)) and report["folds_used"] == [0, 1]
     assert set(report["results"]) == {"fp32", "fp16", "int8", "int8[qdq-form]", "int4", "int8[minmax+bc]"}
     # FP32 row = each fold model on its own test images, recomputed here independently
-    from service.quantization.calibration import load_tensors
+    from engine_build.quantization.calibration import load_tensors
 
     images = labelled_images(dataset)
     payload = json.loads(folds["folds"].read_text())

@@ -19,7 +19,7 @@ from service.config import Settings
 from service.errors import InvalidRoi
 from service.model_info import ModelInfo
 from service.preprocess import PreprocessLimits, parse_roi_json, preprocess_roi
-from service.runtime import backend_factory, resolve_engine
+from service.startup import backend_factory, resolve_engine
 from service.runtime.base import InferenceBackend
 from tests.backends import InstrumentedBackend
 from tests.conftest import wait_ready

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from service.builders import build_engine
+from engine_build.build import build_engine
 from service.config import load_settings
 from service.engines import EngineManifest
 from service.errors import EngineError
 from service.model_info import ModelInfo
-from service.runtime import resolve_engine
+from service.startup import resolve_engine
 from tests.model_factory import make_test_model
 
 

@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.model_info import INPUT_NAME, OUTPUT_NAME
-from service.quantization.saturation import INT16_MAX, _im2col, _pair_sums, saturation_report
+from evaluation.saturation import INT16_MAX, _im2col, _pair_sums, saturation_report
 
 
 def _gemm_qdq(path: Path, weights: np.ndarray) -> Path:
@@ -55,7 +55,7 @@ def test_im2col_orders_k_as_channel_then_kernel_position() -> None:
 
 
 def test_vnni_detection_from_cpu_flags() -> None:
-    from service.quantization.saturation import x86_without_vnni
+    from evaluation.saturation import x86_without_vnni
 
     assert x86_without_vnni("flags\t: fpu sse avx2 avx512f avx512bw\n", "x86_64")  # Skylake-SP: affected
     assert not x86_without_vnni("flags\t: fpu avx2 avx512f avx512_vnni\n", "x86_64")  # Cascade Lake and later
