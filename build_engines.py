@@ -30,9 +30,10 @@ from engine_build.quantization.int8 import (
     DEFAULT_CALIBRATION_METHOD,
     DEFAULT_PERCENTILE,
     Int8Options,
-    int8_artifact_path,
     quantize_int8,
 )
+from engine_build.quantization.int8_artifact import int8_artifact_path
+from engine_build.quantization.modes import ROUNDING_MODES, WEIGHT_MODES
 from service.config import PRECISIONS, Settings, SettingsError, load_settings
 from service.errors import EngineError, ServiceError
 from service.model_info import ModelInfo
@@ -73,7 +74,7 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-float", default="", help="comma list of layers kept in float: node names, first_conv, classifier")
     parser.add_argument("--bias-correction", action="store_true", help="analytic weight-rounding bias correction (off by default: measured no gain)")
     parser.add_argument("--reduce-range", action="store_true", help="7-bit weights: no u8 x s8 saturation on x86 CPUs without VNNI")
-    parser.add_argument("--int4-rounding", choices=("gptq", "mse", "rtn"), default=None,
+    parser.add_argument("--int4-rounding", choices=ROUNDING_MODES, default=None,
                         help="INT4 rounding (default gptq with calibration images, else refuse: data-free INT4 collapses this model)")
 
 
@@ -91,8 +92,8 @@ def build_parser(settings: Optional[Settings] = None) -> Dict[str, argparse.Argu
     build.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
     build.add_argument("--calibration-dir", type=Path, action="append", default=None, help="images for INT4 GPTQ (default ../shared/data/cp-anemic)")
     build.add_argument("--calibration-limit", type=int, default=32)
-    build.add_argument("--int4-rounding", choices=("gptq", "mse", "rtn"), default=None)
-    build.add_argument("--ort-int8-weights", choices=("auto", "s8", "u8", "s8-reduce-range"), default="auto",
+    build.add_argument("--int4-rounding", choices=ROUNDING_MODES, default=None)
+    build.add_argument("--ort-int8-weights", choices=WEIGHT_MODES, default="auto",
                        help="ONNX Runtime INT8 weights: auto/s8 = as committed; u8 or s8-reduce-range avoid the u8 x s8 saturation "
                             "of x86 CPUs without VNNI (measured: both cost more accuracy than the saturation, docs/quantization.md)")
     build.add_argument("--verbose", action="store_true")

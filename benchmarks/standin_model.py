@@ -46,7 +46,7 @@ def export_standin(out: Path) -> Path:
 
 
 def write_int8(model_path: Path, images: int = 32) -> Path:
-    from engine_build.quantization.int8 import int8_artifact_path
+    from engine_build.quantization.int8_artifact import int8_artifact_path
     from service.preprocess import PreprocessSpec
     from engine_build.quantization.calibration import list_images, load_tensors, pick_subset
     from engine_build.quantization.int8 import quantize_int8

@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional
 import onnx
 
 from engine_build.artifact import ArtifactJob
-from engine_build.quantization.int4 import ROUNDING_MODES, Int4Options, quantize_int4_tensorrt
-from engine_build.quantization.int8 import check_int8_artifact, int8_artifact_path
+from engine_build.quantization.int8_artifact import check_int8_artifact, int8_artifact_path
+from engine_build.quantization.modes import ROUNDING_MODES
 from service.engines import slug
 from service.errors import EngineError
 from service.model_info import INPUT_NAME, ModelInfo
@@ -80,6 +80,9 @@ def _source_model(model: ModelInfo, precision: str, int8_model: Optional[Path], 
         meta = check_int8_artifact(artifact, model)
         meta.pop("options", None)
         return {"path": artifact, "info": dict(meta, source=str(artifact))}
+    # Imported when needed, as in onnxruntime_builder: the server imports this module through the registry.
+    from engine_build.quantization.int4 import Int4Options, quantize_int4_tensorrt
+
     result = quantize_int4_tensorrt(model.path, scratch / "int4_classifier.onnx", Int4Options(rounding=int4_rounding))
     return {"path": result.path, "info": dict(result.info)}
 

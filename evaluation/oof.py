@@ -29,7 +29,8 @@ from engine_build.quantization.calibration import IMAGE_SUFFIXES, load_tensors, 
 from engine_build.quantization.fp16 import convert_fp16
 from engine_build.quantization.graph import quantization_metadata
 from engine_build.quantization.int4 import Int4Options, quantize_int4_ort
-from engine_build.quantization.int8 import Int8Options, int8_artifact_path, quantize_int8
+from engine_build.quantization.int8 import Int8Options, quantize_int8
+from engine_build.quantization.int8_artifact import int8_artifact_path
 from engine_build.quantization.ort_layout import derive_ort_int8
 from evaluation import metrics as ev
 from evaluation.summary import layer_summary, summary_markdown

@@ -36,11 +36,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine_build.quantization import graph as g
 from engine_build.quantization.int8 import prepare_float_model
+from engine_build.quantization.modes import ROUNDING_MODES
 from service.model_info import file_sha256
 
 INT4_MIN, INT4_MAX = -8, 7
 INT4_OPSET = 21
-ROUNDING_MODES = ("gptq", "mse", "rtn")
 # Clipping ratios searched per channel: 1.0 is round-to-nearest with the max-abs scale.
 CLIP_RATIOS = np.linspace(0.3, 1.0, 71)
 

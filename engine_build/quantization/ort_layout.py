@@ -32,8 +32,8 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 
 from engine_build.quantization import graph as g
 from engine_build.quantization.int8 import prepare_float_model
+from engine_build.quantization.modes import WEIGHT_MODES
 
-WEIGHT_MODES = ("auto", "s8", "u8", "s8-reduce-range")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 

@@ -10,7 +10,8 @@ from engine_build.backends import ONNXRUNTIME
 from engine_build.build import build_engine
 from engine_build.onnxruntime_builder import OnnxRuntimeBuildOptions
 from engine_build.quantization import graph as g
-from engine_build.quantization.int8 import Int8Options, int8_artifact_path, quantize_int8
+from engine_build.quantization.int8 import Int8Options, quantize_int8
+from engine_build.quantization.int8_artifact import int8_artifact_path
 from service.engines import EngineManifest
 from service.errors import EngineError
 from service.model_info import ModelInfo, file_sha256
