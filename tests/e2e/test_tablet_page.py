@@ -32,7 +32,7 @@ import pytest
 from service.config import Settings, load_settings
 from service.startup import BackendFactory
 from service.runtime.base import InferenceBackend
-from tests.conftest import CP_ANEMIC_DIR, PROJECT_ROOT
+from tests.support import CP_ANEMIC_DIR, PROJECT_ROOT
 from tests.images import encode, with_exif_orientation
 
 CHROMIUM = Path(os.environ.get("ANEMIA_E2E_CHROMIUM", "/usr/bin/chromium"))

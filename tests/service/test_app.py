@@ -22,15 +22,10 @@ from service.preprocess import PreprocessLimits, parse_roi_json, preprocess_roi
 from service.startup import backend_factory, resolve_engine
 from service.runtime.base import InferenceBackend
 from tests.backends import InstrumentedBackend
-from tests.conftest import wait_ready
+from tests.support import post_image, wait_ready
 from tests.images import bomb_png, conjunctiva_rgba, encode, rgb_photo
 
 POLYGON = json.dumps({"polygon": [[40, 30], [280, 40], [270, 200], [50, 190]]})
-
-
-def post_image(client: Any, data: bytes, roi: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> Any:
-    form = {"roi": roi} if roi is not None else None
-    return client.post("/v1/predict", files={"image": ("upload", data, "application/octet-stream")}, data=form, headers=headers)
 
 
 def reference_probability(settings: Settings, data: bytes, roi_text: Optional[str] = None) -> float:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from service.metrics import LATENCY_BUCKETS_SECONDS
-from tests.service.test_app import post_image
+from tests.support import post_image
 
 EXPECTED = {
     "anemia_request_duration_seconds": "histogram",
