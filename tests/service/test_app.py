@@ -217,15 +217,40 @@ def test_api_key(make_settings: Callable[..., Settings], crop_png: bytes) -> Non
         assert client.get("/metrics").status_code == 200
 
 
-def test_overloaded_when_too_many_in_flight(client: Any, crop_png: bytes) -> None:
-    state: ServiceState = client.app.state.svc
-    state.in_flight = state.max_in_flight
-    try:
-        response = post_image(client, crop_png)
-    finally:
-        state.in_flight = 0
-    assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
-    assert response.headers["retry-after"] == "1"
+def test_overloaded_when_too_many_in_flight(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    """Admitted requests that hold the queue and the running batch turn the next one away with 503."""
+    gate = threading.Event()
+    gate.set()  # warm-up runs freely
+    # One image per call and a queue of one: two requests in flight (one in the backend, one queued).
+    app, holder = instrumented_app(make_settings(batching="off", queue_size=1), gate=gate)
+    state: ServiceState = app.state.svc
+    pictures = [encode(conjunctiva_rgba(seed=i)) for i in range(2)]
+
+    async def scenario() -> None:
+        await state.start()
+        try:
+            while not state.ready:
+                await asyncio.sleep(0.01)
+            assert state.max_in_flight == 2
+            gate.clear()  # the backend now holds whatever reaches it
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                admitted = [asyncio.ensure_future(http.post("/v1/predict", files={"image": ("a.png", p, "image/png")})) for p in pictures]
+                while "anemia_requests_in_flight 2.0" not in (await http.get("/metrics")).text:
+                    await asyncio.sleep(0.01)
+                turned_away = await http.post("/v1/predict", files={"image": ("a.png", crop_png, "image/png")})
+                gate.set()
+                answered = await asyncio.gather(*admitted)
+                after = (await http.get("/metrics")).text
+            assert turned_away.status_code == 503 and turned_away.json()["error"]["code"] == "overloaded"
+            assert turned_away.headers["retry-after"] == "1"
+            assert [r.status_code for r in answered] == [200, 200]
+            assert "anemia_requests_in_flight 0.0" in after and state.in_flight == 0 and state.preparing == 0
+        finally:
+            gate.set()
+            await state.stop()
+
+    asyncio.run(scenario())
 
 
 def test_backend_failure_answers_500_and_the_worker_survives(make_settings: Callable[..., Settings], crop_png: bytes) -> None:

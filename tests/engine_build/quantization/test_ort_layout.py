@@ -78,3 +78,10 @@ def test_weight_modes_for_cpus_without_vnni(tmp_path: Path, monkeypatch: pytest.
     assert derive_ort_int8(model, committed, tmp_path / "s8.onnx")["ort_weights"] == "s8"
     with pytest.raises(ValueError, match="weights must be one of"):
         derive_ort_int8(model, committed, tmp_path / "x.onnx", weights="s4")
+
+
+def test_vnni_detection_from_cpu_flags() -> None:
+    assert ort_layout.x86_without_vnni("flags\t: fpu sse avx2 avx512f avx512bw\n", "x86_64")  # Skylake-SP: affected
+    assert not ort_layout.x86_without_vnni("flags\t: fpu avx2 avx512f avx512_vnni\n", "x86_64")  # Cascade Lake and later
+    assert not ort_layout.x86_without_vnni("flags\t: fpu avx2 avx_vnni\n", "x86_64")  # Alder Lake
+    assert not ort_layout.x86_without_vnni("", "aarch64")  # Jetson CPU: sdot, no int16 step
