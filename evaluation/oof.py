@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from engine_build.backends import get_backend
+from engine_build.backends import ONNXRUNTIME, get_backend
 from engine_build.onnxruntime_builder import DEFAULT_INT4_KEEP_FLOAT
 from engine_build.quantization.calibration import IMAGE_SUFFIXES, load_tensors, pick_subset
 from engine_build.quantization.fp16 import convert_fp16
@@ -312,8 +312,7 @@ def _machine(backend_name: str = "onnxruntime") -> str:
 
 def run_oof_evaluation(args: argparse.Namespace, command: str) -> int:
     """``command``: how the evaluation was invoked, recorded in the report."""
-
-    if args.backend != "onnxruntime":
+    if args.backend != ONNXRUNTIME.name:  # the fold artifacts are ONNX Runtime's (make_artifact)
         LOG.error("--mode oof runs on ONNX Runtime; on TensorRT use --mode engines")
         return 2
     folds = json.loads(Path(args.folds).read_text())["folds"]
