@@ -76,6 +76,28 @@ def test_predict_on_a_transparent_crop(client: Any, make_settings: Callable[...,
     assert response.headers["x-request-id"] == body["request_id"]
 
 
+class OutOfRangeBackend(InferenceBackend):
+    """Answers a probability above 1, which the Prediction schema does not allow."""
+
+    name = "onnxruntime"
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.full(len(batch), 1.5, np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_answer_is_checked_against_the_prediction_schema(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    with TestClient(create_app(make_settings(), factory=OutOfRangeBackend), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        response = post_image(client, crop_png)
+        assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+        assert client.get("/healthz").status_code == 200  # the server keeps serving
+        schema = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["responses"]["200"]
+    assert schema["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Prediction"}
+
+
 def test_predict_with_polygon_and_bbox_on_a_jpeg(client: Any, make_settings: Callable[..., Settings], photo_jpeg: bytes) -> None:
     polygon = post_image(client, photo_jpeg, POLYGON).json()
     assert polygon["roi"]["source"] == "polygon"
