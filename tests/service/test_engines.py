@@ -38,12 +38,6 @@ def test_missing_engine_names_the_build_command(tmp_path: Path, model_path: Path
         resolve_engine(settings, ModelInfo.from_onnx(model_path))
 
 
-def test_auto_build_builds_the_missing_engine(tmp_path: Path, model_path: Path) -> None:
-    settings = load_settings(model=model_path, engine_dir=tmp_path / "auto", auto_build=True)
-    engine = resolve_engine(settings, ModelInfo.from_onnx(model_path))
-    assert engine.path.is_file() and engine.entry.precision == "fp32"
-
-
 def test_engine_for_another_model_is_refused(built: Path, tmp_path: Path) -> None:
     other_model = make_test_model(tmp_path / "other.onnx", seed=7)
     settings = load_settings(model=other_model, engine_dir=built)
