@@ -8,6 +8,7 @@ nothing else compares backend names.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class Backend:
+    """One inference backend as the rest of the project sees it: what it is, what it runs on, how
+    to load an engine and how to build one."""
+
     name: str
     #: The artifact's file suffix in the engine directory.
     suffix: str
@@ -54,7 +58,7 @@ class Backend:
 
     @property
     def option_names(self) -> Tuple[str, ...]:
-        return tuple(self.options_type.__dataclass_fields__)
+        return tuple(f.name for f in dataclasses.fields(self.options_type))
 
 
 def _importable(name: str) -> bool:
