@@ -16,31 +16,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
-
-from service.config import PRECISIONS
+from engine_build.backends import AUTO, BACKENDS, get_backend
+from engine_build.build import build_engine
+from engine_build.quantization.calibration import list_images, load_tensors, pick_subset
+from engine_build.quantization.int8 import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_METHOD,
+    DEFAULT_PERCENTILE,
+    Int8Options,
+    quantize_int8,
+)
+from engine_build.quantization.int8_artifact import int8_artifact_path
+from engine_build.quantization.modes import ROUNDING_MODES, WEIGHT_MODES
+from service.config import PRECISIONS, Settings, SettingsError, load_settings
+from service.errors import EngineError, ServiceError
+from service.model_info import ModelInfo
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "cp-anemic"
 COMMANDS = ("build", "quantize", "evaluate", "benchmark", "saturation")
-
-
-def _default_model() -> Path:
-    from service.config import DEFAULT_MODEL_PATH
-
-    return Path(os.environ.get("ANEMIA_MODEL", str(DEFAULT_MODEL_PATH)))
-
-
-def _default_engine_dir() -> Path:
-    from service.config import DEFAULT_ENGINE_DIR
-
-    return Path(os.environ.get("ANEMIA_ENGINE_DIR", str(DEFAULT_ENGINE_DIR)))
 
 
 def _precisions(value: str) -> List[str]:
@@ -54,24 +54,18 @@ def _precisions(value: str) -> List[str]:
 
 
 def _backend(value: str) -> str:
-    if value == "auto":
-        from service.runtime import select_backend_name
-
-        return select_backend_name("auto")
-    if value not in ("onnxruntime", "tensorrt"):
-        raise argparse.ArgumentTypeError("backend must be onnxruntime, tensorrt or auto")
-    return value
+    if value != AUTO and value not in BACKENDS:
+        raise argparse.ArgumentTypeError("backend must be {} or {}".format(", ".join(BACKENDS), AUTO))
+    return get_backend(value).name
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", type=_backend, default="onnxruntime", help="onnxruntime (default), tensorrt or auto")
-    parser.add_argument("--model", type=Path, default=None, help="FP32 ONNX model (default: $ANEMIA_MODEL or models/anemia_mobilenetv2.onnx)")
-    parser.add_argument("--engine-dir", type=Path, default=None, help="engine directory (default: $ANEMIA_ENGINE_DIR or engines/)")
+def _add_common(parser: argparse.ArgumentParser, settings: Settings, model_default: Optional[Path]) -> None:
+    parser.add_argument("--backend", type=_backend, default="onnxruntime", help="{} or {} (default onnxruntime)".format(", ".join(BACKENDS), AUTO))
+    parser.add_argument("--model", type=Path, default=model_default, help="FP32 ONNX model (default: $ANEMIA_MODEL or models/anemia_mobilenetv2.onnx)")
+    parser.add_argument("--engine-dir", type=Path, default=settings.engine_dir, help="engine directory (default: $ANEMIA_ENGINE_DIR or engines/)")
 
 
 def _add_quant_options(parser: argparse.ArgumentParser) -> None:
-    from service.quantization.int8 import CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD, DEFAULT_PERCENTILE
-
     parser.add_argument("--calibration-dir", type=Path, action="append", default=None,
                         help="calibration images (repeatable; default ../shared/data/cp-anemic when present)")
     parser.add_argument("--calibration-limit", type=int, default=128, help="at most this many calibration images (random, seed 0)")
@@ -80,31 +74,33 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-float", default="", help="comma list of layers kept in float: node names, first_conv, classifier")
     parser.add_argument("--bias-correction", action="store_true", help="analytic weight-rounding bias correction (off by default: measured no gain)")
     parser.add_argument("--reduce-range", action="store_true", help="7-bit weights: no u8 x s8 saturation on x86 CPUs without VNNI")
-    parser.add_argument("--int4-rounding", choices=("gptq", "mse", "rtn"), default=None,
+    parser.add_argument("--int4-rounding", choices=ROUNDING_MODES, default=None,
                         help="INT4 rounding (default gptq with calibration images, else refuse: data-free INT4 collapses this model)")
 
 
-def build_parser() -> Dict[str, argparse.ArgumentParser]:
+def build_parser(settings: Optional[Settings] = None) -> Dict[str, argparse.ArgumentParser]:
+    """One parser per command; defaults the server shares (model, engine dir, batch, threads) come from ``settings``."""
+    settings = settings or load_settings()
     parsers: Dict[str, argparse.ArgumentParser] = {}
     build = argparse.ArgumentParser(prog="python build_engines.py [build]", description="Build per-precision engines and record them in the manifest.")
-    _add_common(build)
+    _add_common(build, settings, settings.model)
     build.add_argument("--precision", type=_precisions, default=list(PRECISIONS), help="all (default) or a comma list of fp32,fp16,int8,int4")
     build.add_argument("--if-missing", action="store_true", help="keep engines the manifest already lists with an intact file")
     build.add_argument("--int8-model", type=Path, default=None, help="calibrated INT8 Q/DQ model (default <model>.int8.onnx)")
-    build.add_argument("--max-batch", type=int, default=int(os.environ.get("ANEMIA_MAX_BATCH", "8")), help="TensorRT optimization profile maximum batch")
+    build.add_argument("--max-batch", type=int, default=settings.max_batch, help="TensorRT optimization profile maximum batch")
     build.add_argument("--workspace-mib", type=int, default=256, help="TensorRT builder workspace limit")
     build.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
     build.add_argument("--calibration-dir", type=Path, action="append", default=None, help="images for INT4 GPTQ (default ../shared/data/cp-anemic)")
     build.add_argument("--calibration-limit", type=int, default=32)
-    build.add_argument("--int4-rounding", choices=("gptq", "mse", "rtn"), default=None)
-    build.add_argument("--ort-int8-weights", choices=("auto", "s8", "u8", "s8-reduce-range"), default="auto",
+    build.add_argument("--int4-rounding", choices=ROUNDING_MODES, default=None)
+    build.add_argument("--ort-int8-weights", choices=WEIGHT_MODES, default="auto",
                        help="ONNX Runtime INT8 weights: auto/s8 = as committed; u8 or s8-reduce-range avoid the u8 x s8 saturation "
                             "of x86 CPUs without VNNI (measured: both cost more accuracy than the saturation, docs/quantization.md)")
     build.add_argument("--verbose", action="store_true")
     parsers["build"] = build
 
     quantize = argparse.ArgumentParser(prog="python build_engines.py quantize", description="Calibrate the INT8 Q/DQ model (<model>.int8.onnx).")
-    quantize.add_argument("--model", type=Path, default=None)
+    quantize.add_argument("--model", type=Path, default=settings.model)
     quantize.add_argument("--out", type=Path, default=None, help="default <model>.int8.onnx")
     quantize.add_argument("--folds", type=Path, default=None, help="folds.json: calibrate on the images of its training folds only")
     quantize.add_argument("--fold", type=int, default=None, help="with --folds: this fold's train+val images (default: every image in folds.json)")
@@ -112,7 +108,8 @@ def build_parser() -> Dict[str, argparse.ArgumentParser]:
     parsers["quantize"] = quantize
 
     evaluate = argparse.ArgumentParser(prog="python build_engines.py evaluate", description="Out-of-fold evaluation of every precision, or of built engines.")
-    _add_common(evaluate)
+    # No default model: the out-of-fold mode times fold 0 unless --model or --latency-model names one.
+    _add_common(evaluate, settings, None)
     evaluate.add_argument("--mode", choices=("oof", "engines"), default="oof",
                           help="oof: per-fold models + their quantized twins on CP-AnemiC; engines: built engines on a labelled folder")
     evaluate.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="labelled images: Anemic/ and Non-anemic/")
@@ -127,15 +124,15 @@ def build_parser() -> Dict[str, argparse.ArgumentParser]:
     evaluate.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "runs" / "quant-eval")
     evaluate.add_argument("--bootstrap", type=int, default=1000)
     evaluate.add_argument("--latency-model", type=Path, default=None, help="time this model's artifacts (default --model, else fold 0)")
-    evaluate.add_argument("--threads", type=int, default=int(os.environ.get("ANEMIA_INTRA_OP_THREADS", "0")), help="ONNX Runtime intra-op threads (0 = ORT default)")
+    evaluate.add_argument("--threads", type=int, default=settings.intra_op_threads, help="ONNX Runtime intra-op threads (0 = ORT default)")
     evaluate.add_argument("--no-latency", dest="skip_latency", action="store_true", help="skip the latency measurement")
     _add_quant_options(evaluate)
     parsers["evaluate"] = evaluate
 
     bench = argparse.ArgumentParser(prog="python build_engines.py benchmark", description="Latency and throughput of built engines with the server's backend.")
-    _add_common(bench)
+    _add_common(bench, settings, settings.model)
     bench.add_argument("--precision", type=_precisions, default=list(PRECISIONS))
-    bench.add_argument("--threads", type=int, default=int(os.environ.get("ANEMIA_INTRA_OP_THREADS", "0")))
+    bench.add_argument("--threads", type=int, default=settings.intra_op_threads)
     bench.add_argument("--max-batch", type=int, default=32)
     bench.add_argument("--runs", type=int, default=50)
     bench.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -143,7 +140,7 @@ def build_parser() -> Dict[str, argparse.ArgumentParser]:
 
     sat = argparse.ArgumentParser(prog="python build_engines.py saturation",
                                   description="Simulate the u8 x s8 int16 saturation of x86 CPUs without VNNI on an INT8 model's real activations.")
-    sat.add_argument("--model", type=Path, default=None, help="FP32 model (its <model>.int8.onnx is checked) ")
+    sat.add_argument("--model", type=Path, default=settings.model, help="FP32 model (its <model>.int8.onnx is checked) ")
     sat.add_argument("--int8-model", type=Path, default=None)
     sat.add_argument("--calibration-dir", type=Path, action="append", default=None)
     sat.add_argument("--calibration-limit", type=int, default=8)
@@ -157,15 +154,11 @@ def build_parser() -> Dict[str, argparse.ArgumentParser]:
 
 
 def calibration_paths(dirs: Optional[Sequence[Path]], limit: Optional[int], seed: int = 0) -> List[Path]:
-    from service.quantization.calibration import list_images, pick_subset
-
     roots = list(dirs) if dirs else ([DEFAULT_DATA_DIR] if DEFAULT_DATA_DIR.is_dir() else [])
     return pick_subset(list_images(roots), limit, seed)
 
 
-def _int8_options(args: argparse.Namespace) -> Any:
-    from service.quantization.int8 import Int8Options
-
+def _int8_options(args: argparse.Namespace) -> Int8Options:
     keep = tuple(k.strip() for k in args.keep_float.split(",") if k.strip())
     return Int8Options(method=args.method, percentile=args.percentile, keep_float=keep, bias_correction=args.bias_correction, reduce_range=args.reduce_range)
 
@@ -186,24 +179,23 @@ def _print_entry(entry: Any, engine_dir: Path) -> None:
 # commands
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from service.builders import build_engine
-    from service.errors import EngineError
-    from service.model_info import ModelInfo
-    from service.quantization.calibration import load_tensors
-
-    model_path = args.model or _default_model()
-    engine_dir = args.engine_dir or _default_engine_dir()
-    options: Dict[str, Any] = {"force": not args.if_missing, "int8_model": args.int8_model}
-    if args.backend == "onnxruntime":
-        options["int8_weights"] = args.ort_int8_weights
-    if args.backend == "tensorrt":
-        options.update(max_batch=args.max_batch, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache, verbose=args.verbose)
+def cmd_build(args: argparse.Namespace, command: str) -> int:
+    backend = get_backend(args.backend)
+    flags: Dict[str, Any] = {
+        "int8_model": args.int8_model,
+        "int8_weights": args.ort_int8_weights,
+        "max_batch": args.max_batch,
+        "workspace_mib": args.workspace_mib,
+        "timing_cache": args.timing_cache,
+        "verbose": args.verbose,
+    }
     failures = 0
     for precision in args.precision:
         started = time.perf_counter()
         try:
-            if precision == "int4" and args.backend == "onnxruntime":
+            values = dict(flags)
+            # A backend whose INT4 rounds with calibration images (GPTQ) declares int4_tensors.
+            if precision == "int4" and "int4_tensors" in backend.option_names:
                 rounding = args.int4_rounding
                 paths = calibration_paths(args.calibration_dir, args.calibration_limit) if rounding in (None, "gptq") else []
                 if rounding is None:
@@ -213,16 +205,14 @@ def cmd_build(args: argparse.Namespace) -> int:
                             "see docs/quantization.md); pass --calibration-dir DIR, or --int4-rounding mse to build it anyway"
                         )
                     rounding = "gptq"
-                spec = ModelInfo.from_onnx(model_path).spec
-                options_int4 = dict(options, int4_rounding=rounding, int4_tensors=load_tensors(paths, spec) if paths else None)
-                entry = build_engine(model_path, precision, args.backend, engine_dir, **options_int4)
-            else:
-                entry = build_engine(model_path, precision, args.backend, engine_dir, **options)
+                spec = ModelInfo.from_onnx(args.model).spec
+                values.update(int4_rounding=rounding, int4_tensors=load_tensors(paths, spec) if paths else None)
+            entry = build_engine(args.model, precision, backend, args.engine_dir, backend.options_from_flags(values), force=not args.if_missing)
         except EngineError as exc:
             failures += 1
-            print("{:5s} {:12s} FAILED: {}".format(precision, args.backend, exc.message), file=sys.stderr)
+            print("{:5s} {:12s} FAILED: {}".format(precision, backend.name, exc.message), file=sys.stderr)
             continue
-        _print_entry(entry, engine_dir)
+        _print_entry(entry, args.engine_dir)
         logging.getLogger(__name__).debug("%s took %.1f s", precision, time.perf_counter() - started)
     return 1 if failures else 0
 
@@ -238,13 +228,8 @@ def _fold_ids(folds_path: Path, fold: Optional[int]) -> List[str]:
     return sorted(set(ids))
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from service.builders.onnxruntime_builder import int8_artifact_path
-    from service.model_info import ModelInfo
-    from service.quantization.calibration import list_images, load_tensors, pick_subset
-    from service.quantization.int8 import quantize_int8
-
-    model_path = args.model or _default_model()
+def cmd_quantize(args: argparse.Namespace, command: str) -> int:
+    model_path = args.model
     model = ModelInfo.from_onnx(model_path)
     roots = list(args.calibration_dir) if args.calibration_dir else [DEFAULT_DATA_DIR]
     images = list_images(roots)
@@ -267,27 +252,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from service.quantization.oof import run_engines_evaluation, run_oof_evaluation
+# The measuring commands import the offline evaluation package when they run: the server image
+# (which builds engines with this script) does not ship it.
+
+
+def cmd_evaluate(args: argparse.Namespace, command: str) -> int:
+    from evaluation.oof import run_engines_evaluation, run_oof_evaluation
 
     if args.mode == "oof":
-        return run_oof_evaluation(args, sys.argv)
-    return run_engines_evaluation(args, sys.argv)
+        return run_oof_evaluation(args, command)
+    return run_engines_evaluation(args, command)
 
 
-def cmd_benchmark(args: argparse.Namespace) -> int:
-    from service.quantization.oof import run_benchmark
+def cmd_benchmark(args: argparse.Namespace, command: str) -> int:
+    from evaluation.oof import run_benchmark
 
     return run_benchmark(args)
 
 
-def cmd_saturation(args: argparse.Namespace) -> int:
-    from service.builders.onnxruntime_builder import int8_artifact_path
-    from service.model_info import ModelInfo
-    from service.quantization.calibration import load_tensors
-    from service.quantization.saturation import saturation_markdown, saturation_report
+def cmd_saturation(args: argparse.Namespace, command: str) -> int:
+    from evaluation.saturation import saturation_markdown, saturation_report
 
-    model_path = args.model or _default_model()
+    model_path = args.model
     int8 = args.int8_model or int8_artifact_path(model_path)
     paths = calibration_paths(args.calibration_dir, args.calibration_limit)
     if not paths:
@@ -304,19 +290,28 @@ def cmd_saturation(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_line(argv: Sequence[str]) -> str:
+    """How this run was invoked, for the reports: ``python build_engines.py evaluate --data-dir ...``."""
+    return " ".join(["python", "build_engines.py"] + [shlex.quote(a) for a in argv])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    invoked = command_line(argv)
     command = "build"
     if argv and argv[0] in COMMANDS:
         command = argv.pop(0)
-    args = build_parser()[command].parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print("error: {}".format(exc), file=sys.stderr)
+        return 2
+    args = build_parser(settings)[command].parse_args(argv)
     logging.basicConfig(level=logging.INFO if command != "build" else logging.WARNING, format="%(message)s")
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-    from service.errors import ServiceError
-
     try:
         commands = {"build": cmd_build, "quantize": cmd_quantize, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark, "saturation": cmd_saturation}
-        return commands[command](args)
+        return commands[command](args, invoked)
     except ServiceError as exc:
         print("error: {}".format(exc.message), file=sys.stderr)
         return 2

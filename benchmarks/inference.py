@@ -155,7 +155,7 @@ def load_tensors(images: Optional[Path], count: int, input_size: int, spec: Any)
     if images is not None and images.is_dir():
         from service.preprocess import preprocess_roi
 
-        # Plain preprocess_roi (not service.quantization's loader): that module imports
+        # Plain preprocess_roi (not engine_build.quantization's loader): that module imports
         # onnxruntime.quantization, whose dependencies would inflate the peak RSS measured here.
         paths = sorted(p for p in images.rglob("*.png"))[:count]
         if paths:
@@ -174,7 +174,7 @@ def peak_rss_bytes() -> int:
 def bench_engine(args: argparse.Namespace) -> Dict[str, Any]:
     from service.config import load_settings
     from service.model_info import ModelInfo
-    from service.runtime import backend_factory, resolve_engine
+    from service.startup import backend_factory, resolve_engine
 
     rss_before_bytes = peak_rss_bytes()
     model = ModelInfo.from_onnx(Path(args.model))
@@ -269,7 +269,7 @@ def run_child(argv: Sequence[str], threads: int, cpus: Optional[str], timeout_se
 
 
 def available_backends() -> List[str]:
-    from service.runtime import tensorrt_available
+    from engine_build.backends import tensorrt_available
 
     return ["onnxruntime"] + (["tensorrt"] if tensorrt_available() else [])
 
@@ -286,7 +286,7 @@ def built_engines(model_path: Path, engine_dir: Path, backends: Sequence[str]) -
 
 def build_missing(model_path: Path, engine_dir: Path, backends: Sequence[str]) -> List[str]:
     """Build every precision that can be built without a data set; say why the others were not."""
-    from service.builders import build_engine
+    from engine_build.build import build_engine
 
     notes: List[str] = []
     for backend in backends:

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from benchmarks.processes import free_port
+from service.config import BATCHING_MODES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = PROJECT_ROOT / ".venv-peers"
@@ -720,7 +721,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--open-loop-timeout", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, every server alike")
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--batching", choices=("auto", "on", "off"), default="auto", help="our server's ANEMIA_BATCHING")
+    parser.add_argument("--batching", choices=BATCHING_MODES, default="auto", help="our server's ANEMIA_BATCHING")
     parser.add_argument("--ours-spinning", choices=("true", "false"), default="true", help="our server's ANEMIA_INTRA_OP_SPINNING")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--ours-log-level", default="info", help="our server's ANEMIA_LOG_LEVEL (info logs every prediction)")
@@ -755,7 +756,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     from service.config import load_settings
     from service.model_info import ModelInfo
-    from service.runtime import resolve_engine
+    from service.startup import resolve_engine
 
     model = ModelInfo.from_onnx(args.model)
     settings = load_settings(model=args.model, engine_dir=args.engine_dir, precision=args.precision, backend="onnxruntime", auto_build=True)

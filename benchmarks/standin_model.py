@@ -46,10 +46,10 @@ def export_standin(out: Path) -> Path:
 
 
 def write_int8(model_path: Path, images: int = 32) -> Path:
-    from service.builders.onnxruntime_builder import int8_artifact_path
+    from engine_build.quantization.int8_artifact import int8_artifact_path
     from service.preprocess import PreprocessSpec
-    from service.quantization.calibration import list_images, load_tensors, pick_subset
-    from service.quantization.int8 import quantize_int8
+    from engine_build.quantization.calibration import list_images, load_tensors, pick_subset
+    from engine_build.quantization.int8 import quantize_int8
 
     paths = pick_subset(list_images([CP_ANEMIC_DIR]), images, seed=0)
     if not paths:

@@ -20,7 +20,7 @@ from service.logging_setup import configure_logging
 def prepare(settings: "Settings") -> int:
     """Build the engine for the configured model, precision and backend unless one matches."""
     from service.model_info import ModelInfo
-    from service.runtime import resolve_engine
+    from service.startup import resolve_engine
 
     try:
         model = ModelInfo.from_onnx(settings.model)

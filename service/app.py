@@ -9,12 +9,12 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Tuple, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterator, Optional, Tuple, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -48,8 +48,8 @@ from service.preprocess import (
     parse_roi_json,
     preprocess_decoded,
 )
-from service.runtime import BackendFactory, ResolvedEngine, backend_factory, resolve_engine
-from service.schemas import ErrorBody, ModelDescription, Prediction, Status
+from service.schemas import ErrorBody, LatencyMs, ModelDescription, ModelRef, Prediction, RoiInfo, Status
+from service.startup import BackendFactory, ResolvedEngine, backend_factory, resolve_engine
 
 logger = logging.getLogger("service.app")
 
@@ -104,6 +104,7 @@ class ServiceState:
             precision=settings.precision, backend=engine.backend, model_sha256=model.sha256
         ).set(1)
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+        self.metrics.requests_in_flight.set_function(lambda: float(self.in_flight))
         self.metrics.queue_depth.set_function(lambda: float(self.batcher.queue_depth))
         self.metrics.batch_limit.set_function(lambda: float(self.batcher.batch_limit))
 
@@ -116,6 +117,28 @@ class ServiceState:
     @property
     def ready(self) -> bool:
         return self.batcher.ready and not self.shutting_down
+
+    @contextmanager
+    def admitted(self) -> Iterator[Callable[[], None]]:
+        """Count one prediction in flight (503 ``overloaded`` past ``max_in_flight``) until it is
+        answered; the yielded callable marks it handed to the batcher (no longer being prepared)."""
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded()
+        self.in_flight += 1
+        self.preparing += 1
+        preparing = True
+
+        def handed_over() -> None:
+            nonlocal preparing
+            if preparing:
+                preparing = False
+                self.preparing -= 1
+
+        try:
+            yield handed_over
+        finally:
+            handed_over()
+            self.in_flight -= 1
 
     async def start(self) -> None:
         loaded = self.batcher.start()
@@ -244,32 +267,19 @@ def prepare_request(
     return prepared, t1 - t0, time.perf_counter() - t1
 
 
-async def predict(state: ServiceState, request: Request, request_id: str) -> Dict[str, Any]:
+async def predict(state: ServiceState, request: Request, request_id: str) -> Prediction:
     """Handle one prediction: read, decode, preprocess (off the loop), infer (batched), answer."""
     started = time.perf_counter()
-    check_api_key(state.settings, request.headers)
     if not state.ready:
         raise NotReady("The server is shutting down." if state.shutting_down else "The model is warming up; retry shortly.")
-    if state.in_flight >= state.max_in_flight:
-        raise Overloaded()
-    state.in_flight += 1
-    state.preparing += 1
-    state.metrics.requests_in_flight.inc()
-    submitted = False
-    try:
+    with state.admitted() as handed_over:
         data, roi_text = await read_predict_form(request, state.settings.max_upload_bytes)
         prepared, decode_seconds, preprocess_seconds = await state.run_blocking(
             prepare_request, data, roi_text, state.model.spec, state.limits
         )
         del data
-        state.preparing -= 1
-        submitted = True
+        handed_over()
         result = await state.batcher.submit(prepared.tensor)
-    finally:
-        if not submitted:
-            state.preparing -= 1
-        state.in_flight -= 1
-        state.metrics.requests_in_flight.dec()
     stages = state.metrics.stage_duration
     stages.labels(stage="decode").observe(decode_seconds)
     stages.labels(stage="preprocess").observe(preprocess_seconds)
@@ -288,23 +298,23 @@ async def predict(state: ServiceState, request: Request, request_id: str) -> Dic
             "total_ms": _ms(total),
         },
     )
-    return {
-        "request_id": request_id,
-        "anemia_probability": result.probability,
-        "label": label,
-        "threshold": state.threshold,
-        "precision": state.settings.precision,
-        "backend": state.engine.backend,
-        "model": {"name": state.model.name, "version": state.model.version, "sha256": state.model.sha256},
-        "roi": {"source": prepared.roi_source, "bbox": list(prepared.roi_bbox), "pixels": prepared.roi_pixels},
-        "latency_ms": {
-            "decode": _ms(decode_seconds),
-            "preprocess": _ms(preprocess_seconds),
-            "queue": _ms(result.queue_seconds),
-            "inference": _ms(result.inference_seconds),
-            "total": _ms(total),
-        },
-    }
+    return Prediction(
+        request_id=request_id,
+        anemia_probability=result.probability,
+        label=label,
+        threshold=state.threshold,
+        precision=state.settings.precision,
+        backend=state.engine.backend,
+        model=ModelRef(name=state.model.name, version=state.model.version, sha256=state.model.sha256),
+        roi=RoiInfo(source=prepared.roi_source, bbox=list(prepared.roi_bbox), pixels=prepared.roi_pixels),
+        latency_ms=LatencyMs(
+            decode=_ms(decode_seconds),
+            preprocess=_ms(preprocess_seconds),
+            queue=_ms(result.queue_seconds),
+            inference=_ms(result.inference_seconds),
+            total=_ms(total),
+        ),
+    )
 
 
 def describe_model(state: ServiceState) -> Dict[str, Any]:
@@ -478,6 +488,9 @@ def create_app(settings: Settings, factory: Optional[BackendFactory] = None, sta
     def request_id_of(request: Request) -> str:
         return str(request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex)
 
+    async def require_api_key(request: Request) -> None:  # async: no thread-pool hop per request
+        check_api_key(settings, request.headers)
+
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(state, exc, request_id_of(request))
@@ -504,13 +517,13 @@ def create_app(settings: Settings, factory: Optional[BackendFactory] = None, sta
         responses=_ERROR_RESPONSES,  # type: ignore[arg-type]
         openapi_extra=_PREDICT_BODY,
         summary="Screen one conjunctiva photo for anemia",
+        dependencies=[Depends(require_api_key)],
     )
-    async def predict_route(request: Request) -> JSONResponse:
-        return JSONResponse(await predict(state, request, request_id_of(request)))
+    async def predict_route(request: Request) -> Prediction:
+        return await predict(state, request, request_id_of(request))
 
-    @app.get("/v1/model", response_model=ModelDescription, responses={401: _ERROR_RESPONSES[401]})
+    @app.get("/v1/model", response_model=ModelDescription, responses={401: _ERROR_RESPONSES[401]}, dependencies=[Depends(require_api_key)])
     async def model_route(request: Request) -> JSONResponse:
-        check_api_key(settings, request.headers)
         return JSONResponse(describe_model(state))
 
     @app.get("/healthz", response_model=Status)

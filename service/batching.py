@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from service.config import BATCHING_MODES
 from service.errors import InferenceFailed, NotReady, Overloaded, ServiceError
 from service.logging_setup import request_id_var
 from service.runtime.base import InferenceBackend
@@ -47,7 +48,6 @@ class _Pending:
 
 BatchObserver = Callable[[int, float], None]
 
-BATCHING_MODES = ("auto", "on", "off")
 # Timed warm-up rounds, after one untimed call per shape: each round times one block per shape
 # (an untimed call, then about WARMUP_IMAGES_PER_BLOCK images, at least 2 calls).
 WARMUP_TIMED_ROUNDS = 3
@@ -66,7 +66,6 @@ class MicroBatcher:
         queue_size: int = 64,
         warmup_shape: Optional[tuple] = None,
         on_batch: Optional[BatchObserver] = None,
-        on_queue_depth: Optional[Callable[[int], None]] = None,
         incoming: Optional[Callable[[], int]] = None,
         batching: str = "auto",
     ) -> None:
@@ -84,7 +83,6 @@ class MicroBatcher:
         self._queue: "queue.Queue[object]" = queue.Queue(maxsize=queue_size)
         self._warmup_shape = warmup_shape
         self._on_batch = on_batch
-        self._on_queue_depth = on_queue_depth
         # How many admitted requests are still being decoded; with none coming, waiting for
         # company only adds latency, so a lone request goes straight to the backend.
         self._incoming = incoming
@@ -138,8 +136,6 @@ class MicroBatcher:
                 self._queue.put_nowait(_Pending(tensor, future, time.monotonic(), request_id_var.get()))
             except queue.Full:
                 raise Overloaded() from None
-        if self._on_queue_depth is not None:
-            self._on_queue_depth(self._queue.qsize())
         return future
 
     async def submit(self, tensor: np.ndarray) -> InferenceResult:
@@ -240,8 +236,6 @@ class MicroBatcher:
                 break
             assert isinstance(item, _Pending)
             batch, stop = self._collect(item, limit)
-            if self._on_queue_depth is not None:
-                self._on_queue_depth(self._queue.qsize())
             # A request whose client went away is dropped here rather than computed.
             live = [p for p in batch if p.future.set_running_or_notify_cancel()]
             if live:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated, Literal
+from typing_extensions import Annotated, Literal, get_args
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = PROJECT_ROOT / "models" / "anemia_mobilenetv2.onnx"
@@ -17,7 +17,8 @@ Precision = Literal["fp32", "fp16", "int8", "int4"]
 BackendName = Literal["auto", "onnxruntime", "tensorrt"]
 # auto: batch only when warm-up measures the largest batch cheaper per image than one image.
 BatchingMode = Literal["auto", "on", "off"]
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS: Tuple[str, ...] = get_args(Precision)
+BATCHING_MODES: Tuple[str, ...] = get_args(BatchingMode)
 
 MIB = 1024 * 1024
 

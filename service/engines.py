@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from typing_extensions import Protocol
+
 from service.errors import EngineError
-from service.model_info import file_sha256
+from service.model_info import ModelInfo, file_sha256
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -39,6 +41,21 @@ class EngineKey:
         return "anemia-{}-{}-{}-{}-{}{}".format(
             self.model_sha256[:12], self.precision, self.backend, slug(self.device), slug(self.tool_version), suffix
         )
+
+
+class KeyedBackend(Protocol):
+    """What a backend tells the key: its name, the device it runs on and its tool's version."""
+
+    name: str
+
+    def device(self) -> str: ...
+
+    def tool_version(self) -> str: ...
+
+
+def engine_key(model: ModelInfo, precision: str, backend: KeyedBackend) -> EngineKey:
+    """The key of ``model``'s engine at ``precision`` for ``backend`` on this machine."""
+    return EngineKey(model.sha256, precision, backend.name, backend.device(), backend.tool_version())
 
 
 @dataclass

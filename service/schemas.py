@@ -7,6 +7,8 @@ from typing import Any, Dict, List, Optional
 from pydantic import BaseModel, Field
 from typing_extensions import Literal
 
+from service.config import BatchingMode
+
 
 class ModelRef(BaseModel):
     name: str
@@ -70,7 +72,7 @@ class ErrorBody(BaseModel):
 
 
 class BatchingInfo(BaseModel):
-    mode: Literal["auto", "on", "off"]
+    mode: BatchingMode
     max_batch: int = Field(description="ANEMIA_MAX_BATCH as configured")
     batch_limit: int = Field(description="most images per backend call, decided at warm-up")
     decided: bool = Field(description="false until warm-up has run")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from service.builders import build_engine
+from engine_build.build import build_engine
 from service.config import Settings, load_settings
 from tests.images import conjunctiva_rgba, encode, rgb_photo
 from tests.model_factory import make_test_model
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIR = PROJECT_ROOT.parent / "shared"
-CP_ANEMIC_DIR = SHARED_DIR / "data" / "cp-anemic"
+from tests.support import wait_ready
 
 
 @pytest.fixture(scope="session")
@@ -38,15 +34,6 @@ def make_settings(model_path: Path, engine_dir: Path) -> Callable[..., Settings]
         return load_settings(**values)
 
     return factory
-
-
-def wait_ready(client, timeout_seconds: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.01)
-    raise AssertionError("the service did not become ready in {} s".format(timeout_seconds))
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 import build_engines
 from service.engines import EngineManifest
 from service.preprocess import PreprocessSpec
-from service.quantization import graph as g
-from service.quantization.oof import labelled_images
+from engine_build.quantization import graph as g
+from evaluation.oof import labelled_images
 from tests.images import conjunctiva_rgba, encode
 from tests.model_factory import make_test_model
 
@@ -66,6 +66,23 @@ def test_build_all_then_if_missing_then_benchmark(dataset: Path, tmp_path: Path,
         assert "| {} |".format(precision) in table
 
 
+def test_defaults_shared_with_the_server_come_from_its_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ANEMIA_MODEL", str(tmp_path / "m.onnx"))
+    monkeypatch.setenv("ANEMIA_ENGINE_DIR", str(tmp_path / "e"))
+    monkeypatch.setenv("ANEMIA_MAX_BATCH", "12")
+    monkeypatch.setenv("ANEMIA_INTRA_OP_THREADS", "3")
+    parsers = build_engines.build_parser()
+    build = parsers["build"].parse_args([])
+    assert (build.model, build.engine_dir, build.max_batch) == (tmp_path / "m.onnx", tmp_path / "e", 12)
+    assert parsers["benchmark"].parse_args([]).threads == 3
+
+
+def test_a_bad_setting_stops_the_command_naming_the_variable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("ANEMIA_MAX_BATCH", "zero")
+    assert build_engines.main(["--precision", "fp32"]) == 2
+    assert "ANEMIA_MAX_BATCH" in capsys.readouterr().err
+
+
 def test_quantize_on_one_folds_training_images(dataset: Path, folds: Dict[str, Path], tmp_path: Path) -> None:
     model = Path(str(folds["pattern"]).format(k=0))
     out = tmp_path / "q.onnx"
@@ -92,7 +109,7 @@ def test_out_of_fold_evaluation_scores_each_image_once_with_models_that_never_sa
     assert sorted(report["image_ids"]) == sorted(labelled_images(dataset)) and report["folds_used"] == [0, 1]
     assert set(report["results"]) == {"fp32", "fp16", "int8", "int8[qdq-form]", "int4", "int8[minmax+bc]"}
     # FP32 row = each fold model on its own test images, recomputed here independently
-    from service.quantization.calibration import load_tensors
+    from engine_build.quantization.calibration import load_tensors
 
     images = labelled_images(dataset)
     payload = json.loads(folds["folds"].read_text())
@@ -103,8 +120,17 @@ def test_out_of_fold_evaluation_scores_each_image_once_with_models_that_never_sa
         y += [images[i][1] for i in fold["test_ids"]]
     expected = float(np.mean((np.asarray(p) >= 0.5) == np.asarray(y)))
     assert report["results"]["fp32"]["metrics"]["accuracy"] == pytest.approx(expected)
-    assert 0 <= report["results"]["int8"]["agreement"]["same_label"] <= 1
+    # INT8's agreement with FP32, recomputed from the per-fold scores the evaluation cached
+    cached = {}
+    for fold in payload["folds"]:
+        for scores in (out / "fold{}".format(fold["fold"])).glob("scores-*.json"):
+            entry = json.loads(scores.read_text())
+            cached.setdefault(entry["options"]["variant"], []).extend(entry["probs"])
+    same = (np.asarray(cached["fp32"]) >= 0.5) == (np.asarray(cached["int8"]) >= 0.5)
+    assert report["results"]["int8"]["agreement"]["same_label"] == pytest.approx(float(same.mean()))
     assert set(report["latency"]) == set(report["results"])
     assert report["layers"]["int8"] and (out / "roc.png").stat().st_size > 0 and (out / "pr.png").is_file()
     markdown = (out / "report.md").read_text()
-    assert "| int8 |" in markdown and "Command: `python build_engines.py evaluate" in markdown
+    assert "| int8 |" in markdown
+    assert "Command: `{}`".format(build_engines.command_line(argv)) in markdown and report["command"].startswith("python build_engines.py evaluate --data-dir ")
+    assert report["command"].endswith("--int8-variants minmax+bc")  # what was run, not pytest's own argv

@@ -62,8 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     sys.path.insert(0, str(REPO_ROOT))
     from service.model_info import ModelInfo
-    from service.quantization.calibration import load_tensors, pick_subset
-    from service.quantization.oof import labelled_images
+    from engine_build.quantization.calibration import load_tensors, pick_subset
+    from evaluation.oof import labelled_images
 
     info = ModelInfo.from_onnx(args.model)
     images = labelled_images(args.data_dir)

@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TENSORRT_MODULES = (
     "service/runtime/trt_compat.py",
     "service/runtime/tensorrt_backend.py",
-    "service/builders/tensorrt_builder.py",
+    "engine_build/tensorrt_builder.py",
 )
 
 

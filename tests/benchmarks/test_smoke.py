@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.inference import count_flops
 from benchmarks.load import PEERS_VENV, Sample, ratios_and_goals, summarize
-from service.builders import build_engine
+from engine_build.build import build_engine
 from tests.images import conjunctiva_rgba, encode
 from tests.model_factory import make_test_model
 

@@ -12,12 +12,14 @@ import shutil
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import pytest
 
+from service.engines import EngineManifest
 from tests.deploy.promql import PROJECT_ROOT
 
 DOCKERFILES = [PROJECT_ROOT / "Dockerfile.jetson", PROJECT_ROOT / "Dockerfile.x86"]
@@ -230,3 +232,45 @@ def test_healthcheck_fails_when_nothing_listens() -> None:
         port = sock.getsockname()[1]
     env = dict(os.environ, PORT=str(port))
     assert subprocess.run([sys.executable, str(HEALTHCHECK)], env=env, timeout=30).returncode == 1
+
+
+# ---- what the images hold ---------------------------------------------------------------------
+
+#: The repository's Python packages; the images copy the server and engine building only.
+PROJECT_PACKAGES = ("service", "engine_build", "evaluation", "training", "benchmarks", "tools", "tests")
+IMAGE_PACKAGES = ("service", "engine_build")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_copy_the_server_and_engine_building_but_no_evaluation_or_training(dockerfile: Path) -> None:
+    copied = {source.rstrip("/").split("/")[0] for source in _copy_sources(dockerfile)}
+    assert sorted(copied & set(PROJECT_PACKAGES)) == sorted(IMAGE_PACKAGES)
+    for package in set(PROJECT_PACKAGES) - set(IMAGE_PACKAGES):
+        assert not _dockerignore_allows(package), package
+
+
+def test_what_the_images_copy_serves_and_builds_engines(tmp_path: Path) -> None:
+    """With every package the images leave out made unimportable, the server imports and
+    ``build_engines.py`` builds FP32 and FP16 engines (their transforms load when building)."""
+    from tests.model_factory import make_test_model
+
+    model = make_test_model(tmp_path / "m.onnx", width=8, input_size=32)
+    blocked = sorted(set(PROJECT_PACKAGES) - set(IMAGE_PACKAGES))
+    code = textwrap.dedent(
+        """
+        import sys
+
+        class LeftOutOfTheImage:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {blocked!r}:
+                    raise ImportError("not in the image: " + name)
+                return None
+
+        sys.meta_path.insert(0, LeftOutOfTheImage())
+        import service.app, service.__main__, build_engines
+        sys.exit(build_engines.main(["--model", {model!r}, "--engine-dir", {engines!r}, "--precision", "fp32,fp16"]))
+        """
+    ).format(blocked=blocked, model=str(model), engines=str(tmp_path / "engines"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(e.precision for e in EngineManifest.load(tmp_path / "engines").entries) == ["fp16", "fp32"]

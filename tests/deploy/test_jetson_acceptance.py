@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from service.preprocess import PreprocessSpec
-from service.quantization.int8 import Int8Options, quantize_int8
+from engine_build.quantization.int8 import Int8Options, quantize_int8
 from tests.images import conjunctiva_rgba, encode
 from tests.model_factory import make_test_model
 

@@ -26,7 +26,7 @@ from tests.deploy.promql import (
     rule_groups,
     substitute_grafana_variables,
 )
-from tests.service.test_telemetry import XAVIER_NX_JP51
+from tests.support import XAVIER_NX_JP51
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(

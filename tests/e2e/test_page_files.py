@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Set
 
 from service import errors
-from tests.conftest import PROJECT_ROOT
+from tests.support import PROJECT_ROOT
 
 STATIC_DIR = PROJECT_ROOT / "service" / "static"
 # Raised at startup or for bugs, never as an answer the page can act on.

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 
 from service.config import Settings, load_settings
-from service.runtime import BackendFactory
+from service.startup import BackendFactory
 from service.runtime.base import InferenceBackend
-from tests.conftest import CP_ANEMIC_DIR, PROJECT_ROOT
+from tests.support import CP_ANEMIC_DIR, PROJECT_ROOT
 from tests.images import encode, with_exif_orientation
 
 CHROMIUM = Path(os.environ.get("ANEMIA_E2E_CHROMIUM", "/usr/bin/chromium"))
@@ -140,7 +140,7 @@ class BusyServer(LiveServer):
 def busy_server(model_path: Path, engine_dir: Path) -> Iterator[BusyServer]:
     """A server that takes at most queue_size + max_batch = 2 requests, with a gate on inference."""
     from service.model_info import ModelInfo
-    from service.runtime import backend_factory, resolve_engine
+    from service.startup import backend_factory, resolve_engine
     from tests.backends import InstrumentedBackend
 
     settings = load_settings(

@@ -20,7 +20,7 @@ from service.app import create_app
 from service.config import load_settings
 from service.logging_setup import configure_logging
 from service.model_info import ModelInfo
-from service.runtime import backend_factory, resolve_engine
+from service.startup import backend_factory, resolve_engine
 from tests.backends import InstrumentedBackend
 
 

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import httpx
 import pytest
 
-from service.builders import build_engine
+from engine_build.build import build_engine
 from service.engines import EngineManifest
 from service.model_info import file_sha256
 from tests.model_factory import make_test_model

@@ -19,18 +19,13 @@ from service.config import Settings
 from service.errors import InvalidRoi
 from service.model_info import ModelInfo
 from service.preprocess import PreprocessLimits, parse_roi_json, preprocess_roi
-from service.runtime import backend_factory, resolve_engine
+from service.startup import backend_factory, resolve_engine
 from service.runtime.base import InferenceBackend
 from tests.backends import InstrumentedBackend
-from tests.conftest import wait_ready
+from tests.support import post_image, wait_ready
 from tests.images import bomb_png, conjunctiva_rgba, encode, rgb_photo
 
 POLYGON = json.dumps({"polygon": [[40, 30], [280, 40], [270, 200], [50, 190]]})
-
-
-def post_image(client: Any, data: bytes, roi: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> Any:
-    form = {"roi": roi} if roi is not None else None
-    return client.post("/v1/predict", files={"image": ("upload", data, "application/octet-stream")}, data=form, headers=headers)
 
 
 def reference_probability(settings: Settings, data: bytes, roi_text: Optional[str] = None) -> float:
@@ -79,6 +74,28 @@ def test_predict_on_a_transparent_crop(client: Any, make_settings: Callable[...,
     assert set(body["latency_ms"]) == {"decode", "preprocess", "queue", "inference", "total"}
     assert body["latency_ms"]["total"] >= body["latency_ms"]["inference"] > 0
     assert response.headers["x-request-id"] == body["request_id"]
+
+
+class OutOfRangeBackend(InferenceBackend):
+    """Answers a probability above 1, which the Prediction schema does not allow."""
+
+    name = "onnxruntime"
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.full(len(batch), 1.5, np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_answer_is_checked_against_the_prediction_schema(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    with TestClient(create_app(make_settings(), factory=OutOfRangeBackend), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        response = post_image(client, crop_png)
+        assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+        assert client.get("/healthz").status_code == 200  # the server keeps serving
+        schema = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["responses"]["200"]
+    assert schema["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Prediction"}
 
 
 def test_predict_with_polygon_and_bbox_on_a_jpeg(client: Any, make_settings: Callable[..., Settings], photo_jpeg: bytes) -> None:
@@ -222,15 +239,40 @@ def test_api_key(make_settings: Callable[..., Settings], crop_png: bytes) -> Non
         assert client.get("/metrics").status_code == 200
 
 
-def test_overloaded_when_too_many_in_flight(client: Any, crop_png: bytes) -> None:
-    state: ServiceState = client.app.state.svc
-    state.in_flight = state.max_in_flight
-    try:
-        response = post_image(client, crop_png)
-    finally:
-        state.in_flight = 0
-    assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
-    assert response.headers["retry-after"] == "1"
+def test_overloaded_when_too_many_in_flight(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    """Admitted requests that hold the queue and the running batch turn the next one away with 503."""
+    gate = threading.Event()
+    gate.set()  # warm-up runs freely
+    # One image per call and a queue of one: two requests in flight (one in the backend, one queued).
+    app, holder = instrumented_app(make_settings(batching="off", queue_size=1), gate=gate)
+    state: ServiceState = app.state.svc
+    pictures = [encode(conjunctiva_rgba(seed=i)) for i in range(2)]
+
+    async def scenario() -> None:
+        await state.start()
+        try:
+            while not state.ready:
+                await asyncio.sleep(0.01)
+            assert state.max_in_flight == 2
+            gate.clear()  # the backend now holds whatever reaches it
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                admitted = [asyncio.ensure_future(http.post("/v1/predict", files={"image": ("a.png", p, "image/png")})) for p in pictures]
+                while "anemia_requests_in_flight 2.0" not in (await http.get("/metrics")).text:
+                    await asyncio.sleep(0.01)
+                turned_away = await http.post("/v1/predict", files={"image": ("a.png", crop_png, "image/png")})
+                gate.set()
+                answered = await asyncio.gather(*admitted)
+                after = (await http.get("/metrics")).text
+            assert turned_away.status_code == 503 and turned_away.json()["error"]["code"] == "overloaded"
+            assert turned_away.headers["retry-after"] == "1"
+            assert [r.status_code for r in answered] == [200, 200]
+            assert "anemia_requests_in_flight 0.0" in after and state.in_flight == 0 and state.preparing == 0
+        finally:
+            gate.set()
+            await state.stop()
+
+    asyncio.run(scenario())
 
 
 def test_backend_failure_answers_500_and_the_worker_survives(make_settings: Callable[..., Settings], crop_png: bytes) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from service.builders import build_engine
+from engine_build.build import build_engine
 from service.config import load_settings
 from service.engines import EngineManifest
 from service.errors import EngineError
 from service.model_info import ModelInfo
-from service.runtime import resolve_engine
+from service.startup import resolve_engine
 from tests.model_factory import make_test_model
 
 
@@ -36,12 +36,6 @@ def test_missing_engine_names_the_build_command(tmp_path: Path, model_path: Path
     settings = load_settings(model=model_path, engine_dir=tmp_path / "empty")
     with pytest.raises(EngineError, match="python build_engines.py --backend onnxruntime --precision fp32"):
         resolve_engine(settings, ModelInfo.from_onnx(model_path))
-
-
-def test_auto_build_builds_the_missing_engine(tmp_path: Path, model_path: Path) -> None:
-    settings = load_settings(model=model_path, engine_dir=tmp_path / "auto", auto_build=True)
-    engine = resolve_engine(settings, ModelInfo.from_onnx(model_path))
-    assert engine.path.is_file() and engine.entry.precision == "fp32"
 
 
 def test_engine_for_another_model_is_refused(built: Path, tmp_path: Path) -> None:

@@ -27,19 +27,13 @@ from service.telemetry import (
     TelemetryError,
     parse_tegrastats_line,
 )
+from tests.support import XAVIER_NX_JP51
 
 TX2_NX_JP46 = (
     "RAM 2111/3956MB (lfb 64x4MB) SWAP 0/1978MB (cached 0MB) "
     "CPU [35%@2035,off,off,28%@2035,31%@2035,30%@2035] EMC_FREQ 12%@1866 GR3D_FREQ 61%@1300 "
     "NVENC off NVDEC off APE 150 PLL@41C MCPU@41C PMIC@50C Tboard@36C GPU@39.5C BCPU@41C "
     "thermal@40.35C Tdiode@38.75C VDD_IN 5326/4870 VDD_CPU_GPU 1910/1602 VDD_SOC 1020/990"
-)
-XAVIER_NX_JP51 = (
-    "11-22-2026 05:10:02 RAM 3021/6854MB (lfb 12x4MB) SWAP 0/3427MB (cached 0MB) "
-    "CPU [12%@1420,8%@1420,10%@1420,9%@1420,off,off] EMC_FREQ 7%@1600 GR3D_FREQ 46%@[1100] "
-    "NVENC off NVDEC off NVJPG off NVJPG1 off VIC_FREQ 0%@115 APE 150 AUX@36.5C CPU@38C "
-    "thermal@37.45C AO@36.5C GPU@38.5C PMIC@50C VDD_IN 6245mW/5120mW VDD_CPU_GPU_CV 2130mW/1480mW "
-    "VDD_SOC 1392mW/1301mW"
 )
 
 
@@ -178,7 +172,7 @@ def test_app_exports_tegrastats_when_enabled(tmp_path: Path, monkeypatch: pytest
     from fastapi.testclient import TestClient
 
     from service.app import create_app
-    from tests.conftest import wait_ready
+    from tests.support import wait_ready
 
     fake = tmp_path / "tegrastats"
     fake.write_text("#!/bin/sh\nwhile true; do echo '{}'; sleep 0.02; done\n".format(TX2_NX_JP46))

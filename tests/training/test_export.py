@@ -34,7 +34,7 @@ def test_export_matches_torch_and_carries_metadata(tmp_path: Path) -> None:
     assert (info.name, info.version, info.threshold, info.spec) == ("anemia-mobilenetv2", "9.9.9", 0.42, spec)
     assert json.loads(info.metadata["cv_metrics"]) == {"auc": 0.5}
     proto = onnx.load(str(path))
-    assert proto.opset_import[0].version >= 17 and OPSET >= 17
+    assert proto.opset_import[0].version == OPSET and proto.opset_import[0].version >= 17
     ops = {node.op_type for node in proto.graph.node}
     # TF "SAME" padding became plain Pads with constant pads, not shape arithmetic
     assert "Pad" in ops and not ops & {"ConstantOfShape", "Shape", "Slice", "Concat"}

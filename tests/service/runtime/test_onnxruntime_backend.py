@@ -9,7 +9,7 @@ import pytest
 
 from service.config import Settings
 from service.model_info import ModelInfo
-from service.runtime import backend_factory, resolve_engine
+from service.startup import backend_factory, resolve_engine
 from service.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 SPINNING_KEY = "session.intra_op.allow_spinning"

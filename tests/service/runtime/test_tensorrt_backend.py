@@ -9,8 +9,10 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import pytest
 
+from engine_build.build import build_engine
+from engine_build.quantization import graph as g
+from engine_build.tensorrt_builder import TensorRTBuildOptions
 from service.errors import EngineError
-from service.quantization import graph as g
 from tests.fakes import install_fakes
 from tests.model_factory import make_test_model
 
@@ -28,9 +30,7 @@ def fakes(request: Any, monkeypatch: pytest.MonkeyPatch) -> Tuple[Any, Any]:
 
 
 def _engine(model: Path, tmp_path: Path, precision: str = "fp16", max_batch: int = 4) -> Path:
-    from service.builders.tensorrt_builder import build_tensorrt_engine
-
-    entry = build_tensorrt_engine(model, precision, tmp_path / "engines", max_batch=max_batch)
+    entry = build_engine(model, precision, "tensorrt", tmp_path / "engines", TensorRTBuildOptions(max_batch=max_batch))
     return tmp_path / "engines" / entry.file
 
 
@@ -61,7 +61,7 @@ def test_the_cuda_context_belongs_to_the_thread_that_created_the_backend(model: 
     """The batching worker builds the backend through backend_factory and is the only caller."""
     from service.config import load_settings
     from service.engines import EngineManifest
-    from service.runtime import ResolvedEngine, backend_factory
+    from service.startup import ResolvedEngine, backend_factory
 
     engine_path = _engine(model, tmp_path)
     entry = EngineManifest.load(engine_path.parent).entries[-1]
@@ -117,7 +117,7 @@ def test_stub_only_tensorrt_is_not_mistaken_for_tensorrt(tmp_path: Path, monkeyp
     import importlib
     import sys
 
-    from service.runtime import select_backend_name, tensorrt_available
+    from engine_build.backends import get_backend, tensorrt_available
 
     for name in ("tensorrt", "pycuda"):
         monkeypatch.delitem(sys.modules, name, raising=False)
@@ -126,16 +126,16 @@ def test_stub_only_tensorrt_is_not_mistaken_for_tensorrt(tmp_path: Path, monkeyp
     (tmp_path / "pycuda" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    assert not tensorrt_available() and select_backend_name("auto") == "onnxruntime"
+    assert not tensorrt_available() and get_backend("auto").name == "onnxruntime"
     (tmp_path / "tensorrt" / "__init__.py").write_text("")
     importlib.invalidate_caches()
-    assert tensorrt_available() and select_backend_name("auto") == "tensorrt"
+    assert tensorrt_available() and get_backend("auto").name == "tensorrt"
 
 
 def test_auto_build_makes_a_profile_covering_the_server_batch(model: Path, tmp_path: Path, fakes: Tuple[Any, Any]) -> None:
     from service.config import load_settings
     from service.model_info import ModelInfo
-    from service.runtime import backend_factory, resolve_engine
+    from service.startup import backend_factory, resolve_engine
 
     settings = load_settings(model=model, engine_dir=tmp_path / "auto", backend="tensorrt", precision="fp16", max_batch=12, auto_build=True)
     engine = resolve_engine(settings, ModelInfo.from_onnx(model))

@@ -13,15 +13,16 @@ server. A timing cache (one per device and TensorRT version) makes rebuilds fast
 
 from __future__ import annotations
 
-import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import onnx
 
-from service.builders import start_build
-from service.engines import EngineEntry, make_entry, slug
+from engine_build.artifact import ArtifactJob
+from engine_build.quantization.int8_artifact import check_int8_artifact, int8_artifact_path
+from engine_build.quantization.modes import ROUNDING_MODES
+from service.engines import slug
 from service.errors import EngineError
 from service.model_info import INPUT_NAME, ModelInfo
 from service.runtime import trt_compat as compat
@@ -29,6 +30,27 @@ from service.runtime import trt_compat as compat
 DEFAULT_WORKSPACE_MIB = 256
 DEFAULT_MAX_BATCH = 8
 MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorRTBuildOptions:
+    """How to build a TensorRT engine; a bad value is refused when the options are made."""
+
+    int8_model: Optional[Path] = None
+    #: The optimization profile's largest batch: it must cover the server's ANEMIA_MAX_BATCH.
+    max_batch: int = DEFAULT_MAX_BATCH
+    workspace_mib: int = DEFAULT_WORKSPACE_MIB
+    timing_cache: Optional[Path] = None
+    int4_rounding: str = "mse"
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise EngineError("max_batch must be at least 1, got {}".format(self.max_batch))
+        if self.workspace_mib < 1:
+            raise EngineError("workspace_mib must be at least 1, got {}".format(self.workspace_mib))
+        if self.int4_rounding not in ROUNDING_MODES:
+            raise EngineError("int4_rounding must be one of {}, got {!r}".format(", ".join(ROUNDING_MODES), self.int4_rounding))
 
 
 def refuse_reason(precision: str, trt_version: tuple, fast_fp16: bool, fast_int8: bool, device: str) -> Optional[str]:
@@ -54,91 +76,70 @@ def _source_model(model: ModelInfo, precision: str, int8_model: Optional[Path], 
     if precision in ("fp32", "fp16"):
         return {"path": model.path, "info": {"source": str(model.path)}}
     if precision == "int8":
-        from service.builders.onnxruntime_builder import check_int8_artifact, int8_artifact_path
-
         artifact = Path(int8_model) if int8_model else int8_artifact_path(model.path)
         meta = check_int8_artifact(artifact, model)
         meta.pop("options", None)
         return {"path": artifact, "info": dict(meta, source=str(artifact))}
-    from service.quantization.int4 import Int4Options, quantize_int4_tensorrt
+    # Imported when needed, as in onnxruntime_builder: the server imports this module through the registry.
+    from engine_build.quantization.int4 import Int4Options, quantize_int4_tensorrt
 
     result = quantize_int4_tensorrt(model.path, scratch / "int4_classifier.onnx", Int4Options(rounding=int4_rounding))
     return {"path": result.path, "info": dict(result.info)}
 
 
-def build_tensorrt_engine(
-    model_path: Path,
-    precision: str,
-    engine_dir: Path,
-    force: bool = False,
-    int8_model: Optional[Path] = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    workspace_mib: int = DEFAULT_WORKSPACE_MIB,
-    timing_cache: Optional[Path] = None,
-    int4_rounding: str = "mse",
-    verbose: bool = False,
-    **_ignored: object,
-) -> EngineEntry:
-    """Build (or reuse, unless ``force``) the TensorRT engine of ``model_path`` at ``precision``."""
-    import tensorrt as trt
+def write_tensorrt_artifact(job: ArtifactJob, options: TensorRTBuildOptions) -> Dict[str, Any]:
+    """Build the TensorRT engine of ``job.model`` at ``job.precision`` into ``job.staged``; returns its build info."""
+    import tensorrt as trt  # only on a device with TensorRT; the registry keeps it optional
 
-    model_path, engine_dir = Path(model_path), Path(engine_dir)
-    start = start_build(model_path, precision, "tensorrt", engine_dir, force)
-    if start.existing is not None:
-        return start.existing
-    model, key, manifest = start.model, start.key, start.manifest
-
-    logger = compat.make_logger(verbose)
+    precision, key = job.precision, job.key
+    logger = compat.make_logger(options.verbose)
     builder = trt.Builder(logger)
     fast_fp16, fast_int8 = compat.platform_has_fast_fp16(builder), compat.platform_has_fast_int8(builder)
     reason = refuse_reason(precision, compat.version(), fast_fp16, fast_int8, key.device)
     if reason is not None:
         raise EngineError(reason)
 
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    target = engine_dir / key.file_name(".engine")
-    cache_path = Path(timing_cache) if timing_cache else engine_dir / "timing-{}-{}.cache".format(slug(key.device), slug(key.tool_version))
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=str(engine_dir), prefix=".build-") as scratch_name:
-        scratch = Path(scratch_name)
-        source = _source_model(model, precision, int8_model, scratch, int4_rounding)
-        onnx_path = Path(source["path"])
-        graph = onnx.load(str(onnx_path))
-        node_names: List[str] = [node.name or "{}#{}".format(node.op_type, i) for i, node in enumerate(graph.graph.node)]
+    cache_path = (
+        Path(options.timing_cache)
+        if options.timing_cache
+        else job.engine_dir / "timing-{}-{}.cache".format(slug(key.device), slug(key.tool_version))
+    )
+    source = _source_model(job.model, precision, options.int8_model, job.scratch, options.int4_rounding)
+    onnx_path = Path(source["path"])
+    graph = onnx.load(str(onnx_path))
+    node_names: List[str] = [node.name or "{}#{}".format(node.op_type, i) for i, node in enumerate(graph.graph.node)]
 
-        network = compat.create_network(builder)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse(onnx_path.read_bytes()):
-            errors = compat.parser_errors(parser, node_names)
-            raise EngineError(
-                "TensorRT {} could not parse {}:\n  {}".format(compat.version_string(), onnx_path, "\n  ".join(errors or ["unknown error"]))
-            )
-        config = builder.create_builder_config()
-        compat.set_workspace(config, int(workspace_mib) * MIB)
-        flags = compat.set_precision_flags(config, precision)
-        chw = [int(d.dim_value) for d in graph.graph.input[0].type.tensor_type.shape.dim[1:]]
-        profile = compat.add_profile(builder, config, INPUT_NAME, chw, int(max_batch))
-        if cache_path.is_file():
-            compat.load_timing_cache(config, cache_path.read_bytes())
-        else:
-            compat.load_timing_cache(config, b"")
-        serialized = compat.build_serialized(builder, network, config)
-        if serialized is None:
-            raise EngineError(
-                "TensorRT {} failed to build the {} engine from {} (see the TensorRT log above; try a larger "
-                "--workspace-mib than {})".format(compat.version_string(), precision, onnx_path, workspace_mib)
-            )
-        staged = scratch / target.name
-        staged.write_bytes(serialized)
-        cache_bytes = compat.serialize_timing_cache(config)
-        if cache_bytes:
-            cache_path.write_bytes(cache_bytes)
-        staged.replace(target)
+    network = compat.create_network(builder)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = compat.parser_errors(parser, node_names)
+        raise EngineError(
+            "TensorRT {} could not parse {}:\n  {}".format(compat.version_string(), onnx_path, "\n  ".join(errors or ["unknown error"]))
+        )
+    config = builder.create_builder_config()
+    compat.set_workspace(config, int(options.workspace_mib) * MIB)
+    flags = compat.set_precision_flags(config, precision)
+    chw = [int(d.dim_value) for d in graph.graph.input[0].type.tensor_type.shape.dim[1:]]
+    profile = compat.add_profile(builder, config, INPUT_NAME, chw, int(options.max_batch))
+    if cache_path.is_file():
+        compat.load_timing_cache(config, cache_path.read_bytes())
+    else:
+        compat.load_timing_cache(config, b"")
+    serialized = compat.build_serialized(builder, network, config)
+    if serialized is None:
+        raise EngineError(
+            "TensorRT {} failed to build the {} engine from {} (see the TensorRT log above; try a larger "
+            "--workspace-mib than {})".format(compat.version_string(), precision, onnx_path, options.workspace_mib)
+        )
+    job.staged.write_bytes(serialized)
+    cache_bytes = compat.serialize_timing_cache(config)
+    if cache_bytes:
+        cache_path.write_bytes(cache_bytes)
     info: Dict[str, Any] = dict(source["info"])
     info.update(
         {
             "builder_flags": flags,
-            "workspace_mib": int(workspace_mib),
+            "workspace_mib": int(options.workspace_mib),
             "optimization_profile": {"input": INPUT_NAME, "batch_min_opt_max": list(profile), "chw": chw},
             "platform_has_fast_fp16": fast_fp16,
             "platform_has_fast_int8": fast_int8,
@@ -146,6 +147,4 @@ def build_tensorrt_engine(
             "api": "named tensors" if compat.version() >= (8, 5) else "bindings",
         }
     )
-    entry = make_entry(key, target, time.perf_counter() - started, info)
-    manifest.record(entry)
-    return entry
+    return info

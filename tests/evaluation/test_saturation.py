@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.model_info import INPUT_NAME, OUTPUT_NAME
-from service.quantization.saturation import INT16_MAX, _im2col, _pair_sums, saturation_report
+from evaluation.saturation import INT16_MAX, _im2col, _pair_sums, saturation_report
 
 
 def _gemm_qdq(path: Path, weights: np.ndarray) -> Path:
@@ -43,7 +43,13 @@ def test_pair_sums_saturate_where_vpmaddubsw_would_and_reduce_range_never_does(t
     assert rows[0]["affected_outputs"] == 1 / 2
     assert rows[0]["rel_error_max"] > 0.4  # 64770 clipped to 32767 out of 65280
     assert rows[0]["rr_saturated_pairs"] == 0.0
-    assert 255 * 64 * 2 <= INT16_MAX < 255 * 127 * 2
+
+
+def test_only_full_range_weights_can_overflow_an_int16_pair_sum() -> None:
+    assert INT16_MAX == np.iinfo(np.int16).max
+    u8_max = np.array([[255, 255]], np.int16)
+    assert int(_pair_sums(u8_max, np.array([[127, 127]], np.int8)).max()) > INT16_MAX  # 8-bit weights: 64770
+    assert int(_pair_sums(u8_max, np.array([[64, 64]], np.int8)).max()) <= INT16_MAX  # reduce_range (7-bit): 32640
 
 
 def test_im2col_orders_k_as_channel_then_kernel_position() -> None:
@@ -52,12 +58,3 @@ def test_im2col_orders_k_as_channel_then_kernel_position() -> None:
     assert cols.shape == (4, 8)
     np.testing.assert_array_equal(cols[0], [0, 1, 3, 4, 9, 10, 12, 13])
     assert _pair_sums(np.array([[255, 255, 3]], np.int16), np.array([[127, 127, 2]], np.int8)).tolist() == [[[64770, 6]]]
-
-
-def test_vnni_detection_from_cpu_flags() -> None:
-    from service.quantization.saturation import x86_without_vnni
-
-    assert x86_without_vnni("flags\t: fpu sse avx2 avx512f avx512bw\n", "x86_64")  # Skylake-SP: affected
-    assert not x86_without_vnni("flags\t: fpu avx2 avx512f avx512_vnni\n", "x86_64")  # Cascade Lake and later
-    assert not x86_without_vnni("flags\t: fpu avx2 avx_vnni\n", "x86_64")  # Alder Lake
-    assert not x86_without_vnni("", "aarch64")  # Jetson CPU: sdot, no int16 step

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from service.quantization import graph as g
-from service.quantization.int4 import (
+from engine_build.quantization import graph as g
+from engine_build.quantization.int4 import (
     INT4_MAX,
     INT4_MIN,
     Int4Options,

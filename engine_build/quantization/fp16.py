@@ -10,7 +10,7 @@ import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from service.model_info import file_sha256
-from service.quantization import graph as g
+from engine_build.quantization import graph as g
 
 
 def convert_fp16(fp32_path: Path, target: Path, prepared: Optional[onnx.ModelProto] = None) -> Tuple[Path, float, Dict[str, Any]]:

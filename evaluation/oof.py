@@ -13,7 +13,8 @@ import csv
 import hashlib
 import json
 import logging
-import shlex
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from service.quantization import evaluation as ev
+from engine_build.backends import ONNXRUNTIME, get_backend
+from engine_build.onnxruntime_builder import DEFAULT_INT4_KEEP_FLOAT
+from engine_build.quantization.calibration import IMAGE_SUFFIXES, load_tensors, pick_subset
+from engine_build.quantization.fp16 import convert_fp16
+from engine_build.quantization.graph import quantization_metadata
+from engine_build.quantization.int4 import Int4Options, quantize_int4_ort
+from engine_build.quantization.int8 import Int8Options, quantize_int8
+from engine_build.quantization.int8_artifact import int8_artifact_path
+from engine_build.quantization.ort_layout import derive_ort_int8
+from evaluation import metrics as ev
+from evaluation.summary import layer_summary, summary_markdown
+from service.config import DEFAULT_ENGINE_DIR, DEFAULT_MODEL_PATH, Settings
+from service.engines import EngineManifest, engine_key, locate_engine
+from service.model_info import ModelInfo, file_sha256
+from service.runtime.base import InferenceBackend
+from service.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 LOG = logging.getLogger("build_engines.evaluate")
 CLASS_FOLDERS = (("Anemic", 1), ("Non-anemic", 0))
@@ -38,8 +54,6 @@ class Variant:
 
 
 def labelled_images(data_dir: Path) -> Dict[str, Tuple[Path, int]]:
-    from service.quantization.calibration import IMAGE_SUFFIXES
-
     found: Dict[str, Tuple[Path, int]] = {}
     for folder, label in CLASS_FOLDERS:
         directory = Path(data_dir) / folder
@@ -53,8 +67,6 @@ def labelled_images(data_dir: Path) -> Dict[str, Tuple[Path, int]]:
 
 def cached_tensors(ids: Sequence[str], images: Dict[str, Tuple[Path, int]], spec: Any, cache_dir: Path) -> np.ndarray:
     """Preprocessed tensors for ``ids``, cached on disk (preprocessing 610 images takes a while)."""
-    from service.quantization.calibration import load_tensors
-
     key = hashlib.sha256(json.dumps([list(ids), json.dumps(spec.to_metadata(), sort_keys=True)]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "inputs-{}.npy".format(key)
     if path.is_file():
@@ -93,8 +105,6 @@ def parse_variants(precisions: Sequence[str], extra: str) -> List[Variant]:
 
 
 def _int8_options(args: argparse.Namespace, overrides: Dict[str, Any]) -> Any:
-    from service.quantization.int8 import Int8Options
-
     keep = tuple(k.strip() for k in args.keep_float.split(",") if k.strip())
     values: Dict[str, Any] = dict(method=args.method, percentile=args.percentile, keep_float=keep, bias_correction=args.bias_correction, reduce_range=args.reduce_range)
     values.update(overrides)
@@ -103,11 +113,6 @@ def _int8_options(args: argparse.Namespace, overrides: Dict[str, Any]) -> Any:
 
 def make_artifact(variant: Variant, fp32: Path, target_dir: Path, calibration: np.ndarray, args: argparse.Namespace) -> Tuple[Path, Dict[str, Any]]:
     """Build ``variant`` of ``fp32`` into ``target_dir`` (FP32 is the model itself)."""
-    from service.builders.onnxruntime_builder import DEFAULT_INT4_KEEP_FLOAT
-    from service.quantization.fp16 import convert_fp16
-    from service.quantization.int4 import Int4Options, quantize_int4_ort
-    from service.quantization.int8 import quantize_int8
-
     target_dir.mkdir(parents=True, exist_ok=True)
     safe = variant.name.replace("[", "-").replace("]", "").replace("+", "-")
     target = target_dir / "{}.onnx".format(safe)
@@ -117,11 +122,6 @@ def make_artifact(variant: Variant, fp32: Path, target_dir: Path, calibration: n
         _, _, info = convert_fp16(fp32, target)
         return target, info
     if variant.precision == "int8":
-        from service.quantization.ort_layout import derive_ort_int8
-
-        from service.model_info import file_sha256
-        from service.quantization.graph import quantization_metadata
-
         int8_options = _int8_options(args, {k: v for k, v in variant.int8.items() if k != "form"})
         # The Q/DQ model depends on these only: the ORT form and the qdq-form row share one file.
         key = hashlib.sha256(json.dumps([repr(int8_options), file_sha256(fp32), len(calibration), float(np.sum(calibration, dtype=np.float64))]).encode()).hexdigest()[:12]
@@ -140,8 +140,6 @@ def make_artifact(variant: Variant, fp32: Path, target_dir: Path, calibration: n
 
 
 def _backend(path: Path, precision: str, threads: int) -> Any:
-    from service.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
     return OnnxRuntimeBackend(path, precision, threads)
 
 
@@ -243,9 +241,6 @@ def latency_section(
     artifact_dir: Optional[Path] = None,
 ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, List[Dict[str, Any]]]]:
     """Latency of each variant of ``model_path`` (with the server's backend) and its layer summary."""
-    from service.builders.onnxruntime_builder import int8_artifact_path
-    from service.quantization.summary import layer_summary
-
     latency: Dict[str, Dict[str, float]] = {}
     layers: Dict[str, List[Dict[str, Any]]] = {}
     for variant in variants:
@@ -253,8 +248,6 @@ def latency_section(
         if variant.name == "int8[qdq-form]" and committed.is_file():
             path = committed
         elif variant.name == "int8" and committed.is_file():
-            from service.quantization.ort_layout import derive_ort_int8
-
             # What `build_engines.py --precision int8` makes from the committed artifact.
             path = out_dir / "latency" / "int8-from-committed.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,8 +277,6 @@ def write_report(
     notes: List[str],
     extra: Dict[str, Any],
 ) -> Path:
-    from service.quantization.summary import summary_markdown
-
     out_dir.mkdir(parents=True, exist_ok=True)
     pictures = ev.plot_curves(results, labels, out_dir, title)
     lines = ["# {}".format(title), "", "Command: `{}`".format(command), ""]
@@ -312,24 +303,16 @@ def write_report(
     return report
 
 
-def _machine(backend: str = "onnxruntime") -> str:
-    import os
-    import platform
-
-    if backend == "tensorrt":
-        from service.runtime import tensorrt_backend
-
-        return "{}, {}, Python {}".format(tensorrt_backend.device_name(), tensorrt_backend.tool_version(), platform.python_version())
-    import onnxruntime
-
-    return "{} ({} CPUs), Python {}, onnxruntime {}".format(platform.processor() or platform.machine(), os.cpu_count(), platform.python_version(), onnxruntime.__version__)
+def _machine(backend_name: str = "onnxruntime") -> str:
+    backend = get_backend(backend_name)
+    return "{} ({} CPUs), {} on {}, {} {}, Python {}".format(
+        platform.processor() or platform.machine(), os.cpu_count(), backend.name, backend.device(), backend.name,
+        backend.tool_version(), platform.python_version())
 
 
-def run_oof_evaluation(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from service.model_info import ModelInfo
-    from service.quantization.calibration import pick_subset
-
-    if args.backend != "onnxruntime":
+def run_oof_evaluation(args: argparse.Namespace, command: str) -> int:
+    """``command``: how the evaluation was invoked, recorded in the report."""
+    if args.backend != ONNXRUNTIME.name:  # the fold artifacts are ONNX Runtime's (make_artifact)
         LOG.error("--mode oof runs on ONNX Runtime; on TensorRT use --mode engines")
         return 2
     folds = json.loads(Path(args.folds).read_text())["folds"]
@@ -397,21 +380,14 @@ def run_oof_evaluation(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "latency and per-layer tables: {} ({} intra-op threads; 0 = ORT default)".format(latency_model, args.threads),
         "machine: {}; date {}".format(_machine(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
     ]
-    command = "python build_engines.py evaluate " + " ".join(shlex.quote(a) for a in list(argv)[2:]) if len(argv) > 2 else "python build_engines.py evaluate"
     report = write_report(out_dir, "Out-of-fold evaluation per precision (ONNX Runtime, CPU)", command, results, y, latency, layers, notes,
                           {"folds_used": used_folds, "image_ids": all_ids})
     print(report.read_text())
     return 0
 
 
-def run_engines_evaluation(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def run_engines_evaluation(args: argparse.Namespace, command: str) -> int:
     """Built engines of the served model on a labelled folder (a Jetson's acceptance check)."""
-    from service.config import DEFAULT_ENGINE_DIR, DEFAULT_MODEL_PATH
-    from service.engines import EngineManifest, locate_engine
-    from service.model_info import ModelInfo
-    from service.quantization.summary import layer_summary
-    from service.runtime import engine_key
-
     model = ModelInfo.from_onnx(args.model or DEFAULT_MODEL_PATH)
     engine_dir = Path(args.engine_dir or DEFAULT_ENGINE_DIR)
     manifest = EngineManifest.load(engine_dir)
@@ -430,7 +406,7 @@ def run_engines_evaluation(args: argparse.Namespace, argv: Sequence[str]) -> int
     notes: List[str] = []
     for variant in variants:
         try:
-            entry = locate_engine(manifest, engine_key(model, variant.precision, args.backend))
+            entry = locate_engine(manifest, engine_key(model, variant.precision, get_backend(args.backend)))
         except Exception as exc:  # a missing precision is reported, the others still measured
             notes.append("{}: not evaluated ({})".format(variant.name, getattr(exc, "message", exc)))
             continue
@@ -443,10 +419,10 @@ def run_engines_evaluation(args: argparse.Namespace, argv: Sequence[str]) -> int
         finally:
             backend.close()
         sizes[variant.name] = [entry.file_size_bytes]
-        source = Path(str(entry.build_info.get("source", ""))) if args.backend == "tensorrt" else path
-        # TensorRT FP16 is a builder flag on the FP32 graph: only INT8/INT4 sources carry quantization.
-        wanted = ("int8", "int4") if args.backend == "tensorrt" else ("fp16", "int8", "int4")
-        if variant.precision in wanted and source.is_file() and source.suffix == ".onnx":
+        # An ONNX artifact carries its own quantization; an engine (TensorRT) was built from the ONNX
+        # its build info names, which for FP16 (a builder flag) is the FP32 graph: nothing to summarize.
+        source = path if path.suffix == ".onnx" else Path(str(entry.build_info.get("source", "")))
+        if variant.precision != "fp32" and source.is_file() and source.suffix == ".onnx" and source.resolve() != model.path.resolve():
             layers[variant.name] = layer_summary(source)
     if "fp32" not in probs:
         LOG.error("the fp32 engine is needed as the reference: %s", "; ".join(notes))
@@ -455,7 +431,6 @@ def run_engines_evaluation(args: argparse.Namespace, argv: Sequence[str]) -> int
     notes += ["{} images of {} ({} anemic), threshold {}".format(len(y), args.data_dir, int(y.sum()), model.threshold),
               "backend {}, engines from {}; {}".format(args.backend, manifest.path, _machine(args.backend)),
               "date {}".format(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))]
-    command = "python build_engines.py evaluate " + " ".join(shlex.quote(a) for a in list(argv)[2:])
     report = write_report(Path(args.out_dir), "Engine evaluation ({})".format(args.backend), command, results, y, latency, layers, notes, {})
     print(report.read_text())
     return 0
@@ -465,21 +440,13 @@ def backend_batch(backend: Any) -> int:
     return int(min(32, backend.max_batch_size))
 
 
-def open_backend(backend_name: str, path: Path, precision: str, threads: int, max_batch: int) -> Any:
-    if backend_name == "tensorrt":
-        from service.runtime.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(path, precision, max_batch)
-    return _backend(path, precision, threads)
+def open_backend(backend_name: str, path: Path, precision: str, threads: int, max_batch: int) -> InferenceBackend:
+    settings = Settings(intra_op_threads=threads, intra_op_spinning=True, max_batch=max_batch)
+    return get_backend(backend_name).load(path, precision, settings)
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
     """Latency/throughput of each built engine of the served model; prints a markdown table."""
-    from service.config import DEFAULT_ENGINE_DIR, DEFAULT_MODEL_PATH
-    from service.engines import EngineManifest, locate_engine
-    from service.model_info import ModelInfo
-    from service.runtime import engine_key
-
     model = ModelInfo.from_onnx(args.model or DEFAULT_MODEL_PATH)
     engine_dir = Path(args.engine_dir or DEFAULT_ENGINE_DIR)
     manifest = EngineManifest.load(engine_dir)
@@ -489,7 +456,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     failed = 0
     for precision in args.precision:
         try:
-            entry = locate_engine(manifest, engine_key(model, precision, args.backend))
+            entry = locate_engine(manifest, engine_key(model, precision, get_backend(args.backend)))
         except Exception as exc:
             print("{}: {}".format(precision, getattr(exc, "message", exc)))
             failed += 1

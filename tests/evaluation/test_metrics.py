@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.quantization import evaluation as ev
-from service.quantization.int8 import Int8Options, quantize_int8
-from service.quantization.summary import bit_counts, layer_summary, summary_markdown
+from evaluation import metrics as ev
+from engine_build.quantization.int8 import Int8Options, quantize_int8
+from evaluation.summary import bit_counts, layer_summary, summary_markdown
 from tests.model_factory import make_test_model
 
 

@@ -8,7 +8,7 @@ Two artifacts, because the runtimes allow different things:
 * TensorRT (>= 10): INT4 exists only as weight-only quantization of MatMul/Gemm weights, so for
   this CNN only the classifier; it becomes ``MatMul(x, DQ(int4 W, block-wise)) + bias``, the rest
   of the network runs in FP16. TensorRT < 10 and TX2 have no INT4 at all (refused in
-  :mod:`service.builders.tensorrt_builder`).
+  :mod:`engine_build.tensorrt_builder`).
 
 Rounding (``--int4-rounding``):
 
@@ -34,12 +34,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from engine_build.quantization import graph as g
+from engine_build.quantization.int8 import prepare_float_model
+from engine_build.quantization.modes import ROUNDING_MODES
 from service.model_info import file_sha256
-from service.quantization import graph as g
 
 INT4_MIN, INT4_MAX = -8, 7
 INT4_OPSET = 21
-ROUNDING_MODES = ("gptq", "mse", "rtn")
 # Clipping ratios searched per channel: 1.0 is round-to-nearest with the max-abs scale.
 CLIP_RATIOS = np.linspace(0.3, 1.0, 71)
 
@@ -158,8 +159,6 @@ def quantize_int4_ort(
     started = time.perf_counter()
     source = onnx.load(str(fp32_path))
     with tempfile.TemporaryDirectory(prefix="int4-") as scratch:
-        from service.quantization.int8 import prepare_float_model
-
         model = prepare_float_model(Path(fp32_path), Path(scratch) / "prepared.onnx")
     grams: Dict[str, np.ndarray] = {}
     if options.rounding == "gptq":

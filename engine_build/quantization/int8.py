@@ -10,7 +10,7 @@ int8 grid would move by up to 1/254 and flip decisions that sit on the threshold
 Options: calibration method (entropy, percentile, min-max), named layers kept in float,
 weight-quantization bias correction, and ``reduce_range`` (7-bit weights) for x86 CPUs without
 VNNI, where ``vpmaddubsw`` adds two u8 x s8 products into a saturating int16 (see
-:mod:`service.quantization.saturation`).
+:mod:`evaluation.saturation`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import onnxruntime
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
+from engine_build.quantization import graph as g
+from engine_build.quantization.calibration import TensorCalibrationReader
 from service.model_info import file_sha256
-from service.quantization import graph as g
-from service.quantization.calibration import TensorCalibrationReader
 
 CALIBRATION_METHODS = ("entropy", "percentile", "minmax")
 #: Chosen by the out-of-fold comparison in docs/quantization.md: on ONNX Runtime the three methods

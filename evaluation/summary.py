@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from service.quantization import graph as g
+from engine_build.quantization import graph as g
 
 _BITS = {TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT16: 16, TensorProto.FLOAT: 32}
 _QMAX = {8: 127.0, 4: 7.0}

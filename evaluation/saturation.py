@@ -18,42 +18,19 @@ kernel column), and ``vpmaddubsw`` pairs K indices 2k and 2k+1.
 
 from __future__ import annotations
 
-import platform
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from engine_build.quantization import graph as g
+from engine_build.quantization.ort_layout import VNNI_FLAGS, x86_without_vnni
 from service.model_info import INPUT_NAME
-from service.quantization import graph as g
+
+__all__ = ["INT16_MAX", "VNNI_FLAGS", "saturation_markdown", "saturation_report", "x86_without_vnni"]
 
 INT16_MAX = 32767
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def x86_without_vnni(cpuinfo: Optional[str] = None, machine: Optional[str] = None) -> bool:
-    """True where ONNX Runtime's u8 x s8 kernels saturate: x86 without AVX-VNNI/AVX512-VNNI/AMX.
-
-    ARM (a Jetson's CPU) multiplies with sdot/udot into int32 and has no such problem. An x86
-    machine whose flags cannot be read counts as affected (the safe choice).
-    """
-    machine = (machine or platform.machine()).lower()
-    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return False
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as handle:
-                cpuinfo = handle.read()
-        except OSError:
-            return True
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return not any(flag in flags for flag in VNNI_FLAGS)
-
-
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for attribute in node.attribute:
         if attribute.name == name:

@@ -8,9 +8,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from service.quantization import graph as g
-from service.quantization.int8 import Int8Options, quantize_int8
-from service.quantization.ort_layout import committed_ranges, derive_ort_int8, non_negative_tensors
+from engine_build.quantization import graph as g
+from engine_build.quantization import ort_layout
+from engine_build.quantization.int8 import Int8Options, quantize_int8
+from engine_build.quantization.ort_layout import committed_ranges, derive_ort_int8, non_negative_tensors
+from evaluation import saturation
 from tests.model_factory import make_test_model
 
 
@@ -60,12 +62,10 @@ def test_ort_form_keeps_calibration_and_weights_and_folds_relu6(tmp_path: Path) 
 
 
 def test_weight_modes_for_cpus_without_vnni(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.quantization import saturation
-
     model = make_test_model(tmp_path / "m.onnx", width=16, input_size=32)
     x = np.random.default_rng(0).uniform(-1, 1, (8, 3, 32, 32)).astype(np.float32)
     committed = quantize_int8(model, tmp_path / "m.int8.onnx", x, Int8Options(method="minmax")).path
-    monkeypatch.setattr(saturation, "x86_without_vnni", lambda *a: True)
+    monkeypatch.setattr(ort_layout, "x86_without_vnni", lambda *a: True)
     info = derive_ort_int8(model, committed, tmp_path / "auto.onnx")
     assert info["ort_weights"] == "s8" and info["x86_without_vnni"] and "saturate" in info["saturation_note"]
     u8 = derive_ort_int8(model, committed, tmp_path / "u8.onnx", weights="u8")
@@ -74,7 +74,14 @@ def test_weight_modes_for_cpus_without_vnni(tmp_path: Path, monkeypatch: pytest.
     assert saturation.saturation_report(tmp_path / "u8.onnx", x[:2]) == []  # no u8 x s8 layer left
     rr = derive_ort_int8(model, committed, tmp_path / "rr.onnx", weights="s8-reduce-range")
     assert rr["reduce_range"] and max(int(np.abs(w).max()) for w in _weights(onnx.load(str(tmp_path / "rr.onnx"))).values()) <= 64
-    monkeypatch.setattr(saturation, "x86_without_vnni", lambda *a: False)
+    monkeypatch.setattr(ort_layout, "x86_without_vnni", lambda *a: False)
     assert derive_ort_int8(model, committed, tmp_path / "s8.onnx")["ort_weights"] == "s8"
     with pytest.raises(ValueError, match="weights must be one of"):
         derive_ort_int8(model, committed, tmp_path / "x.onnx", weights="s4")
+
+
+def test_vnni_detection_from_cpu_flags() -> None:
+    assert ort_layout.x86_without_vnni("flags\t: fpu sse avx2 avx512f avx512bw\n", "x86_64")  # Skylake-SP: affected
+    assert not ort_layout.x86_without_vnni("flags\t: fpu avx2 avx512f avx512_vnni\n", "x86_64")  # Cascade Lake and later
+    assert not ort_layout.x86_without_vnni("flags\t: fpu avx2 avx_vnni\n", "x86_64")  # Alder Lake
+    assert not ort_layout.x86_without_vnni("", "aarch64")  # Jetson CPU: sdot, no int16 step

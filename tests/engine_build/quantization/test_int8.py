@@ -9,9 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.model_info import INPUT_NAME, OUTPUT_NAME, file_sha256
 from service.preprocess import PreprocessSpec
-from service.quantization import graph as g
-from service.quantization.calibration import ImageCalibrationReader, TensorCalibrationReader, pick_subset
-from service.quantization.int8 import Int8Options, quantize_int8
+from engine_build.quantization import graph as g
+from engine_build.quantization.calibration import ImageCalibrationReader, TensorCalibrationReader, pick_subset
+from engine_build.quantization.int8 import Int8Options, quantize_int8
 from tests.images import conjunctiva_rgba, encode
 from tests.model_factory import make_test_model
 

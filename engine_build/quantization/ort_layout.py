@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import platform
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Set
@@ -29,10 +30,35 @@ from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from service.quantization import graph as g
-from service.quantization.int8 import prepare_float_model
+from engine_build.quantization import graph as g
+from engine_build.quantization.int8 import prepare_float_model
+from engine_build.quantization.modes import WEIGHT_MODES
 
-WEIGHT_MODES = ("auto", "s8", "u8", "s8-reduce-range")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def x86_without_vnni(cpuinfo: Optional[str] = None, machine: Optional[str] = None) -> bool:
+    """True where ONNX Runtime's u8 x s8 kernels saturate: x86 without AVX-VNNI/AVX512-VNNI/AMX.
+
+    ARM (a Jetson's CPU) multiplies with sdot/udot into int32 and has no such problem. An x86
+    machine whose flags cannot be read counts as affected (the safe choice).
+    """
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return True
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return not any(flag in flags for flag in VNNI_FLAGS)
+
+
 _PASS_THROUGH = ("GlobalAveragePool", "MaxPool", "AveragePool", "Flatten", "Reshape", "Transpose", "Pad")
 
 
@@ -69,14 +95,12 @@ def derive_ort_int8(fp32_path: Path, committed_path: Path, target: Path, weights
     ``weights``: ``s8`` = the committed int8 weights (and their bias-corrected biases);
     ``u8`` = asymmetric u8 weights, which ONNX Runtime runs with its u8 x u8 kernels (exact int32
     sums) - for x86 CPUs without VNNI, where s8 weights saturate the u8 x s8 kernels' int16 pair
-    sums (:mod:`service.quantization.saturation`); ``s8-reduce-range`` = 7-bit weights, the other
+    sums (simulated in :mod:`evaluation.saturation`); ``s8-reduce-range`` = 7-bit weights, the other
     classic fix; ``auto`` = ``s8`` (``s8-reduce-range`` if the committed model was made with
     reduce_range). Auto does not switch on CPUs without VNNI because, measured on the shipped model
     with ONNX Runtime's own AVX2 kernels (docs/quantization.md), saturation cost less agreement
     with FP32 than either fix; the build records when the CPU is affected.
     """
-    from service.quantization.saturation import x86_without_vnni
-
     if weights not in WEIGHT_MODES:
         raise ValueError("weights must be one of {}, got {!r}".format(WEIGHT_MODES, weights))
     committed = onnx.load(str(committed_path))
