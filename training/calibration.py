@@ -78,7 +78,7 @@ def threshold_for_sensitivity(labels: Sequence[int], probs: Sequence[float], tar
     positives = np.sort(probs_array[labels_array == 1])[::-1]
     if positives.size == 0:
         raise ValueError("no positive (anemic) image: sensitivity is undefined")
-    # 0.7 * 10 is 7.000000000000001 in floats: a hair below the product keeps k = 7.
+    # 0.55 * 100 is 55.00000000000001 in floats: a hair below the product keeps k = 55.
     k = max(1, int(math.ceil(target_sensitivity * positives.size - 1e-9)))
     kth = float(positives[k - 1])
     below = probs_array[probs_array < kth]
