@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
+from numpy.typing import ArrayLike
 from onnx import numpy_helper
 
 from service.errors import EngineError
@@ -58,7 +59,7 @@ FOLDED_INTO = "final Gemm"
 # Threshold for a target sensitivity
 
 
-def threshold_for_sensitivity(labels: Sequence[int], probs: Sequence[float], target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY) -> float:
+def threshold_for_sensitivity(labels: ArrayLike, probs: ArrayLike, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY) -> float:
     """The highest threshold at which at least ``target_sensitivity`` of the positives are flagged.
 
     An image is flagged when ``prob >= threshold`` (as the server labels). Sensitivity only falls
@@ -86,13 +87,13 @@ def threshold_for_sensitivity(labels: Sequence[int], probs: Sequence[float], tar
     return (kth + lower) / 2.0
 
 
-def sensitivity_specificity(labels: Sequence[int], probs: Sequence[float], thresholds: Any) -> Tuple[float, float]:
+def sensitivity_specificity(labels: ArrayLike, probs: ArrayLike, thresholds: Any) -> Tuple[float, float]:
     """Sensitivity and specificity with per-image thresholds (a scalar applies to all)."""
     counts = confusion_counts(labels, probs, thresholds).sum(axis=0)
     return _rates(counts)
 
 
-def confusion_counts(labels: Sequence[int], probs: Sequence[float], thresholds: Any) -> np.ndarray:
+def confusion_counts(labels: ArrayLike, probs: ArrayLike, thresholds: Any) -> np.ndarray:
     """Per image one row [TP, FN, TN, FP] (a one-hot row), flagged when prob >= threshold."""
     labels_array = np.asarray(labels, dtype=np.int64)
     probs_array = np.asarray(probs, dtype=np.float64)
@@ -115,8 +116,8 @@ class BootstrapRates:
 
 
 def bootstrap_rates(
-    labels: Sequence[int],
-    probs: Sequence[float],
+    labels: ArrayLike,
+    probs: ArrayLike,
     thresholds: Any,
     groups: Optional[Sequence[Any]] = None,
     n_boot: int = DEFAULT_BOOTSTRAP,
@@ -135,7 +136,7 @@ def bootstrap_rates(
         raise ValueError("one group per image")
     index: Dict[Any, int] = {}
     codes = np.asarray([index.setdefault(g, len(index)) for g in groups], dtype=np.int64)
-    per_group = np.zeros((len(index), 4), dtype=np.int64)
+    per_group: np.ndarray = np.zeros((len(index), 4), dtype=np.int64)
     np.add.at(per_group, codes, per_image)
     point = _rates(per_group.sum(axis=0))
     rng = np.random.default_rng(seed)
@@ -153,7 +154,8 @@ def bootstrap_rates(
     def measured(value: float, samples: List[float]) -> MeasuredRate:
         if not samples:
             return MeasuredRate(value=value, ci_low=float("nan"), ci_high=float("nan"))
-        low, high = (float(q) for q in np.quantile(samples, [alpha, 1.0 - alpha]))
+        bounds: np.ndarray = np.quantile(samples, [alpha, 1.0 - alpha])
+        low, high = float(bounds[0]), float(bounds[1])
         # a percentile interval can miss the point estimate on tiny sets; widen it to include it
         return MeasuredRate(value=value, ci_low=min(low, value), ci_high=max(high, value))
 
@@ -187,7 +189,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_platt(labels: Sequence[int], probs: Sequence[float], max_iter: int = 100, tolerance: float = 1e-12) -> PlattParams:
+def fit_platt(labels: ArrayLike, probs: ArrayLike, max_iter: int = 100, tolerance: float = 1e-12) -> PlattParams:
     """Logistic regression of the label on logit(p), by Newton's method with a backtracking line search.
 
     The targets are Platt's (1999) smoothed labels, (N+ + 1) / (N+ + 2) for positives and
@@ -259,15 +261,15 @@ def _check_increasing(params: PlattParams) -> None:
 # Isotonic regression: compared, never folded (a step function is not a Gemm)
 
 
-def fit_isotonic(labels: Sequence[int], probs: Sequence[float]) -> Any:
-    from sklearn.isotonic import IsotonicRegression
+def fit_isotonic(labels: ArrayLike, probs: ArrayLike) -> Any:
+    from sklearn.isotonic import IsotonicRegression  # type: ignore[import-untyped]
 
     model = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
     model.fit(np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.float64))
     return model
 
 
-def cross_fold_brier(labels: Sequence[int], probs: Sequence[float], folds: Sequence[int]) -> Dict[str, float]:
+def cross_fold_brier(labels: ArrayLike, probs: ArrayLike, folds: ArrayLike) -> Dict[str, float]:
     """Brier score of Platt and of isotonic fitted on the other folds' predictions, scored on each fold.
 
     The fair comparison: fitted and scored on the same predictions, isotonic always looks better.
@@ -292,7 +294,7 @@ def cross_fold_brier(labels: Sequence[int], probs: Sequence[float], folds: Seque
 # Reliability
 
 
-def brier_score(labels: Sequence[int], probs: Sequence[float]) -> float:
+def brier_score(labels: ArrayLike, probs: ArrayLike) -> float:
     labels_array = np.asarray(labels, dtype=np.float64)
     probs_array = np.asarray(probs, dtype=np.float64)
     if labels_array.shape != probs_array.shape or labels_array.size == 0:
@@ -316,7 +318,7 @@ class ReliabilityCurve:
         return asdict(self)
 
 
-def reliability_curve(labels: Sequence[int], probs: Sequence[float], bins: int = 10) -> ReliabilityCurve:
+def reliability_curve(labels: ArrayLike, probs: ArrayLike, bins: int = 10) -> ReliabilityCurve:
     labels_array = np.asarray(labels, dtype=np.float64)
     probs_array = np.asarray(probs, dtype=np.float64)
     if bins < 1:
@@ -338,8 +340,8 @@ def reliability_curve(labels: Sequence[int], probs: Sequence[float], bins: int =
 
 def plot_reliability(
     path: Path,
-    labels: Sequence[int],
-    curves: Mapping[str, Sequence[float]],
+    labels: ArrayLike,
+    curves: Mapping[str, ArrayLike],
     bins: int = 10,
     title: str = "Reliability",
 ) -> Path:
