@@ -793,6 +793,58 @@ def apply_to_model(
     }
 
 
+def predict_folds(folds_path: Path, fold_models_dir: Path, data_dir: Path, batch: int = 32) -> Tuple[List[Prediction], List[Prediction]]:
+    """Each fold model's predictions on its test split (out of fold) and on its validation split.
+
+    For runs whose training wrote no validation predictions: the fold models
+    (``<fold_models_dir>/fold<k>/model.onnx``, as ``training/train.py`` exports them) score the
+    images ``folds.json`` lists, through the service's preprocessing with each model's own
+    metadata, on ONNX Runtime, the runtime the service falls back to. Returns (oof, validation).
+    """
+    import onnxruntime as ort
+
+    from service.model_info import INPUT_NAME, ModelInfo
+    from service.preprocess import preprocess_roi
+    from training.data import read_records
+
+    folds = json.loads(Path(folds_path).read_text())["folds"]
+    records = {record.image_id: record for record in read_records(Path(data_dir))}
+    tensors: Dict[Tuple[str, str], np.ndarray] = {}
+    oof: List[Prediction] = []
+    validation: List[Prediction] = []
+    for entry in folds:
+        fold = int(entry["fold"])
+        model_path = Path(fold_models_dir) / "fold{}".format(fold) / "model.onnx"
+        info = ModelInfo.from_onnx(model_path)
+        spec_key = json.dumps(info.spec.to_metadata(), sort_keys=True)
+        options = ort.SessionOptions()
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        for split, out in (("test_ids", oof), ("val_ids", validation)):
+            ids = [str(i) for i in entry[split]]
+            unknown = [i for i in ids if i not in records]
+            if unknown:
+                raise ValueError("{} fold {} {}: {} not in {}".format(folds_path, fold, split, unknown[:3], data_dir))
+            for start in range(0, len(ids), batch):
+                chunk = ids[start : start + batch]
+                for image_id in chunk:
+                    if (image_id, spec_key) not in tensors:
+                        tensors[(image_id, spec_key)] = preprocess_roi(records[image_id].path.read_bytes(), None, info.spec).tensor[0]
+                images = np.stack([tensors[(i, spec_key)] for i in chunk]).astype(np.float32)
+                probs = np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: images})[0], dtype=np.float64).reshape(-1)
+                out.extend(Prediction(i, fold, records[i].label, float(q)) for i, q in zip(chunk, probs))
+    return oof, validation
+
+
+def write_predictions(path: Path, rows: Sequence[Prediction]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "fold", "label", "probability"])
+        for row in sorted(rows, key=lambda r: (r.fold, r.image_id)):
+            writer.writerow([row.image_id, row.fold, row.label, "{:.8f}".format(row.probability)])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.calibration",
@@ -811,7 +863,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     apply.add_argument("--n-boot", type=int, default=DEFAULT_BOOTSTRAP)
     apply.add_argument("--seed", type=int, default=0)
     apply.add_argument("--bins", type=int, default=10)
+    predict = commands.add_parser("predict", help="score each fold model's test and validation splits (ONNX Runtime)")
+    predict.add_argument("--folds", type=Path, required=True, help="folds.json (fold, train_ids, val_ids, test_ids)")
+    predict.add_argument("--fold-models", type=Path, required=True, help="directory holding fold<k>/model.onnx (runs/cv)")
+    predict.add_argument("--data-dir", type=Path, required=True, help="the CP-AnemiC folder")
+    predict.add_argument("--val-out", type=Path, required=True, help="validation predictions CSV for apply --val")
+    predict.add_argument("--oof-out", type=Path, required=True, help="out-of-fold predictions CSV for apply --oof")
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        return predict_command(args)
 
     try:
         oof = read_predictions(args.oof)
@@ -845,6 +905,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("wrote {} (sha256 {}), {}{}".format(
         args.out, outcome.report["model"]["sha256_after"][:12], args.report, ", " + str(args.plot) if args.plot else ""))
     print("the engines and the INT8 twin were made from the old file: rebuild them (build_engines.py)")
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from training.data import DataError
+
+    try:
+        oof, validation = predict_folds(args.folds, args.fold_models, args.data_dir)
+    except (ValueError, OSError, KeyError, EngineError, DataError) as exc:
+        print("calibration predict: {}".format(exc), file=sys.stderr)
+        return 2
+    write_predictions(args.oof_out, oof)
+    write_predictions(args.val_out, validation)
+    print("wrote {} ({} out-of-fold predictions) and {} ({} validation predictions)".format(
+        args.oof_out, len(oof), args.val_out, len(validation)))
     return 0
 
 

@@ -26,6 +26,7 @@ from training.calibration import (
     main,
     onnx_probabilities,
     plot_reliability,
+    read_predictions,
     reliability_curve,
     sensitivity_specificity,
     threshold_after_platt,
@@ -374,3 +375,55 @@ def test_apply_refuses_a_validation_split_that_overlaps_its_test_fold(tmp_path: 
                  "--report", str(tmp_path / "report.json")]) == 2
     assert "both its validation and its test split" in capsys.readouterr().err
     assert ModelInfo.from_onnx(model).calibration is None
+
+
+def test_predict_scores_each_fold_models_splits_and_feeds_apply(tmp_path: Path) -> None:
+    import cv2
+
+    from service.preprocess import PreprocessSpec, preprocess_roi
+    from training.data import CSV_NAME
+
+    # A CP-AnemiC-like folder: RGBA crops whose redness varies, a sheet, two folds.
+    header = "IMAGE_ID,HB_LEVEL,Severity,Age(Months),GENDER,REMARK,HOSPITAL,CITY/TOWN,MUNICIPALITY/DISTRICT,REGION\n"
+    lines = [header]
+    ids = []
+    for i in range(16):
+        anemic = i % 2 == 0
+        image_id = "Image_{:03d}".format(i + 1)
+        ids.append(image_id)
+        bgra = np.zeros((30, 60, 4), np.uint8)
+        colour = (90 + 7 * i, 80 + 3 * i, 200 - 5 * i, 255)
+        cv2.ellipse(bgra, (30, 15), (28, 13), 0, 0, 360, colour, -1)
+        folder = tmp_path / "data" / ("Anemic" if anemic else "Non-anemic")
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / (image_id + ".png")), bgra)
+        lines.append("{},{},Mild,24,Female,{},Hospital,Town,District,Region\n".format(image_id, 9.5 if anemic else 12.0, "Anemic" if anemic else "Non-anemic"))
+    (tmp_path / "data" / CSV_NAME).write_text("".join(lines))
+    folds = {"folds": [
+        {"fold": 0, "train_ids": ids[8:12], "val_ids": ids[12:], "test_ids": ids[:8]},
+        {"fold": 1, "train_ids": ids[:4], "val_ids": ids[4:8], "test_ids": ids[8:]},
+    ]}
+    (tmp_path / "folds.json").write_text(json.dumps(folds))
+    spec = PreprocessSpec(input_size=32)
+    for fold in (0, 1):
+        make_test_model(tmp_path / "runs" / "fold{}".format(fold) / "model.onnx", seed=fold, spec=spec)
+
+    oof_csv, val_csv = tmp_path / "cv" / "oof.csv", tmp_path / "cv" / "val.csv"
+    assert main(["predict", "--folds", str(tmp_path / "folds.json"), "--fold-models", str(tmp_path / "runs"),
+                 "--data-dir", str(tmp_path / "data"), "--val-out", str(val_csv), "--oof-out", str(oof_csv)]) == 0
+    oof = list(csv.DictReader(open(oof_csv)))
+    validation = list(csv.DictReader(open(val_csv)))
+    assert sorted(row["image_id"] for row in oof) == ids  # every image once, out of fold
+    assert {(row["fold"], row["image_id"]) for row in validation} == {(str(f["fold"]), i) for f in folds["folds"] for i in f["val_ids"]}
+    # each probability is the fold model's, through the service's preprocessing
+    row = next(r for r in validation if r["image_id"] == ids[5])
+    path = tmp_path / "data" / "Non-anemic" / (ids[5] + ".png")
+    tensor = preprocess_roi(path.read_bytes(), None, spec).tensor
+    expected = onnx_probabilities(tmp_path / "runs" / "fold1" / "model.onnx", tensor)[0]
+    assert float(row["probability"]) == pytest.approx(expected, abs=1e-7)
+    assert row["fold"] == "1" and row["label"] == "0"
+    assert len({row["probability"] for row in oof}) > 8  # the pictures really differ to the model
+
+    # what apply reads (the random test models do not rank the classes, so apply itself would refuse)
+    read = read_predictions(val_csv)
+    assert [(r.image_id, r.fold, r.label) for r in read] == [(v["image_id"], int(v["fold"]), int(v["label"])) for v in validation]
