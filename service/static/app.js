@@ -856,7 +856,6 @@
     var words = pointFor(body);
     $("result-accuracy").textContent = words.text;
     $("result-accuracy-detail").textContent = words.detail;
-    $("result").dataset.accuracy = words.text;
     if (state.hasResult) { announceResult(body); }
   }
 
