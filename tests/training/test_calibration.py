@@ -427,3 +427,19 @@ def test_predict_scores_each_fold_models_splits_and_feeds_apply(tmp_path: Path) 
     # what apply reads (the random test models do not rank the classes, so apply itself would refuse)
     read = read_predictions(val_csv)
     assert [(r.image_id, r.fold, r.label) for r in read] == [(v["image_id"], int(v["fold"]), int(v["label"])) for v in validation]
+
+
+def test_measured_on_says_when_copies_of_a_photograph_sit_in_several_test_folds(tmp_path: Path) -> None:
+    from training.calibration import calibrate_predictions
+
+    oof_path, val_path, _clusters, oof = synthetic_cv(tmp_path, seed=3)
+    rows, validation = read_predictions(oof_path), read_predictions(val_path)
+    by_fold: Dict[int, List[str]] = {}
+    for row in rows:
+        by_fold.setdefault(row.fold, []).append(row.image_id)
+    # two photographs whose copies were split across test folds, as random folds do
+    leaky = {by_fold[0][0]: 1000, by_fold[1][0]: 1000, by_fold[2][0]: 1001, by_fold[3][0]: 1001}
+    outcome = calibrate_predictions(rows, validation, 0.9, leaky, "leaky.json", n_boot=100)
+    assert "NOT grouped by photograph (2 photographs have copies in several test folds)" in outcome.operating_point.measured_on
+    assert outcome.report["grouping"]["photographs_in_several_test_folds"] == 2
+    assert outcome.report["grouping"]["photographs"] == len(oof) - 2
