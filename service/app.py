@@ -39,7 +39,7 @@ from service.errors import (
 )
 from service.logging_setup import request_id_var
 from service.metrics import ServiceMetrics
-from service.model_info import ModelInfo
+from service.model_info import ModelInfo, describe_calibration, describe_operating_point
 from service.preprocess import (
     PreprocessLimits,
     PreprocessResult,
@@ -329,6 +329,8 @@ def describe_model(state: ServiceState) -> Dict[str, Any]:
         "metadata": state.model.public_metadata(),
         "engine": state.engine.entry.to_dict(),
         "batching": describe_batching(state.batcher),
+        "operating_point": describe_operating_point(state.model, state.threshold),
+        "calibration": describe_calibration(state.model),
     }
 
 

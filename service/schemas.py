@@ -79,6 +79,41 @@ class BatchingInfo(BaseModel):
     warmup_ms_per_image: Dict[str, float] = Field(description="warm-up time per image by batch size (auto mode)")
 
 
+class MeasuredRateInfo(BaseModel):
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+class OperatingPointInfo(BaseModel):
+    known: bool = Field(description="false: the model carries no measured operating point")
+    applies: bool = Field(
+        description="true only when the measured sensitivity and specificity describe the labels this server gives "
+        "(false when unknown, or when ANEMIA_THRESHOLD overrides the model's threshold)"
+    )
+    note: Optional[str] = Field(default=None, description="why it is unknown or does not apply")
+    target_sensitivity: Optional[float] = None
+    threshold: Optional[float] = Field(default=None, description="the model's threshold, at which the rates were measured")
+    chosen_on: Optional[str] = Field(default=None, description="the data the threshold was chosen on")
+    measured_on: Optional[str] = Field(default=None, description="the data the rates were measured on")
+    sensitivity: Optional[MeasuredRateInfo] = Field(default=None, description="share of anemic children flagged")
+    specificity: Optional[MeasuredRateInfo] = Field(default=None, description="share of other children not flagged")
+    interval: Optional[str] = Field(default=None, description="how the intervals were computed")
+
+
+class CalibrationInfo(BaseModel):
+    known: bool = Field(description="false: the model carries no calibration")
+    note: Optional[str] = None
+    method: Optional[str] = None
+    slope: Optional[float] = None
+    intercept: Optional[float] = None
+    fitted_on: Optional[str] = None
+    brier_before: Optional[float] = None
+    brier_after: Optional[float] = None
+    brier_after_cross_fold: Optional[float] = None
+    folded_into: Optional[str] = None
+
+
 class ModelDescription(BaseModel):
     name: str
     version: str
@@ -90,6 +125,8 @@ class ModelDescription(BaseModel):
     metadata: Dict[str, Any]
     engine: Dict[str, Any]
     batching: Optional[BatchingInfo] = None
+    operating_point: OperatingPointInfo
+    calibration: CalibrationInfo
     model_config = {"protected_namespaces": ()}
 
 

@@ -8,13 +8,24 @@ random with a fixed seed: the probabilities mean nothing, but they vary with the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.model_info import INPUT_NAME, KEY_NAME, KEY_THRESHOLD, KEY_VERSION, OUTPUT_NAME
+from service.model_info import (
+    INPUT_NAME,
+    KEY_CALIBRATION,
+    KEY_NAME,
+    KEY_OPERATING_POINT,
+    KEY_THRESHOLD,
+    KEY_VERSION,
+    OUTPUT_NAME,
+    Calibration,
+    MeasuredRate,
+    OperatingPoint,
+)
 from service.preprocess import PreprocessSpec
 
 OPSET = 17
@@ -77,3 +88,32 @@ def make_test_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def screening_metadata(
+    threshold: float,
+    sensitivity: Tuple[float, float, float] = (0.9, 0.82, 0.95),
+    specificity: Tuple[float, float, float] = (0.48, 0.4, 0.57),
+    calibrated: bool = True,
+) -> Dict[str, str]:
+    """``threshold``, ``operating_point`` and ``calibration`` props as the calibration CLI writes them.
+
+    The figures are made up for tests (value, ci_low, ci_high); pass the result as ``extra_metadata``.
+    """
+    point = OperatingPoint(
+        target_sensitivity=0.9,
+        threshold=threshold,
+        chosen_on="validation splits of the 5 fold models (test fixture)",
+        measured_on="grouped out-of-fold predictions of the 5 fold models: 610 images, 427 photographs (test fixture)",
+        sensitivity=MeasuredRate(*sensitivity),
+        specificity=MeasuredRate(*specificity),
+        interval="95% cluster bootstrap over 427 photographs (test fixture)",
+    )
+    props = {KEY_THRESHOLD: repr(float(threshold)), KEY_OPERATING_POINT: point.to_json()}
+    if calibrated:
+        calibration = Calibration(
+            method="platt", slope=0.43, intercept=-0.01, fitted_on="grouped out-of-fold predictions (test fixture)",
+            brier_before=0.158, brier_after=0.145, folded_into="final Gemm", brier_after_cross_fold=0.147,
+        )
+        props[KEY_CALIBRATION] = calibration.to_json()
+    return props

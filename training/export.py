@@ -3,7 +3,9 @@
 Contract (read by :class:`service.model_info.ModelInfo`): input ``image`` float32 ``[N,3,S,S]``,
 output ``anemia_probability`` float32 ``[N,1]`` with the sigmoid inside, opset 17, dynamic batch;
 ``metadata_props`` holds the preprocessing (``preprocess.*``), ``model_name``, ``model_version``,
-``threshold``, ``training_data_sha256`` and ``cv_metrics`` (JSON).
+``threshold``, ``training_data_sha256`` and ``cv_metrics`` (JSON), and where known
+``operating_point`` and ``calibration`` (JSON, :class:`service.model_info.OperatingPoint` and
+:class:`~service.model_info.Calibration`; ``python -m training.calibration apply`` writes them).
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.model_info import INPUT_NAME, KEY_NAME, KEY_THRESHOLD, KEY_VERSION, OUTPUT_NAME
+from service.model_info import (
+    INPUT_NAME,
+    KEY_CALIBRATION,
+    KEY_NAME,
+    KEY_OPERATING_POINT,
+    KEY_THRESHOLD,
+    KEY_VERSION,
+    OUTPUT_NAME,
+    Calibration,
+    OperatingPoint,
+)
 from service.preprocess import PreprocessSpec
 from training.mobilenetv2 import WithSigmoid
 
@@ -42,9 +54,16 @@ def export_onnx(
     extra_metadata: Optional[Mapping[str, str]] = None,
     check_batch: int = 2,
     seed: int = 0,
+    operating_point: Optional[OperatingPoint] = None,
+    calibration: Optional[Calibration] = None,
 ) -> float:
-    """Write the ONNX file; return the max |ORT - torch| on random inputs (raises above 1e-4)."""
+    """Write the ONNX file; return the max |ORT - torch| on random inputs (raises above 1e-4).
+
+    ``calibration`` only records a calibration: the caller must have put it into ``model`` already
+    (``training.calibration.fold_platt_into_onnx`` does both on an exported file).
+    """
     path = Path(path)
+    operating = operating_metadata(threshold, operating_point, calibration)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = WithSigmoid(model).eval().float()
     example = torch.zeros(1, 3, spec.input_size, spec.input_size)
@@ -69,17 +88,38 @@ def export_onnx(
         {
             KEY_NAME: MODEL_NAME,
             KEY_VERSION: version,
-            KEY_THRESHOLD: repr(float(threshold)),
             KEY_DATA_SHA256: data_sha256,
             KEY_CV_METRICS: json.dumps(cv_metrics or {}, sort_keys=True),
         }
     )
+    metadata.update(operating)
     metadata.update(extra_metadata or {})
     onnx.helper.set_model_props(onnx_model, metadata)
     onnx_model.producer_name = "training/export.py"
     onnx.checker.check_model(onnx_model)
     onnx.save(onnx_model, str(path))
     return check_against_torch(wrapped, path, spec.input_size, check_batch, seed)
+
+
+def operating_metadata(
+    threshold: float, operating_point: Optional[OperatingPoint] = None, calibration: Optional[Calibration] = None
+) -> Dict[str, str]:
+    """The ``threshold``, ``operating_point`` and ``calibration`` props, checked to agree.
+
+    The one writer of these keys, so ``threshold`` always equals ``operating_point.threshold``
+    (ModelInfo refuses a model where they differ).
+    """
+    threshold = float(threshold)
+    if operating_point is not None and operating_point.threshold != threshold:
+        raise ValueError(
+            "operating_point.threshold {!r} differs from the threshold {!r}".format(operating_point.threshold, threshold)
+        )
+    props = {KEY_THRESHOLD: repr(threshold)}
+    if operating_point is not None:
+        props[KEY_OPERATING_POINT] = operating_point.to_json()
+    if calibration is not None:
+        props[KEY_CALIBRATION] = calibration.to_json()
+    return props
 
 
 def simplify_graph(path: Path) -> None:

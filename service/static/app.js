@@ -35,6 +35,8 @@
     cssHeight: 0,
     busy: false,
     hasResult: false,
+    model: null,         // the last /v1/model answer: name, sha256, threshold, operating_point
+    lastResult: null,    // the last /v1/predict answer, to re-word it when /v1/model arrives late
     generation: 0        // bumped per photo, so a late answer about an earlier photo is dropped
   };
 
@@ -87,7 +89,7 @@
   }
 
   function checkService() {
-    fetch("v1/model", { headers: authHeaders(), cache: "no-store" }).then(function (response) {
+    return fetch("v1/model", { headers: authHeaders(), cache: "no-store" }).then(function (response) {
       if (response.status === 401) {
         setServiceStatus("key", "Access key needed");
         $("settings").open = true;
@@ -100,9 +102,15 @@
       return response.json().then(function (model) {
         var name = model && (model.name || (model.model && model.model.name));
         setServiceStatus("ready", "Service ready" + (name ? " · " + name : ""));
+        return model || null;
       });
     }).catch(function () {
       setServiceStatus("down", "Service not reachable");
+      return null;
+    }).then(function (model) {
+      // What the page says about the screen's accuracy comes from here; unknown when unread.
+      state.model = model;
+      if (state.hasResult && state.lastResult) { showAccuracy(state.lastResult); }
     });
   }
 
@@ -763,10 +771,19 @@
     result.dataset.roi = roi ? JSON.stringify(roi) : "";
     result.classList.toggle("is-anemic", anemic);
     $("result-probability").textContent = percent(p);
+    // A screen flags or does not flag; it never rules anemia out, so a negative is not a diagnosis.
     $("result-label").textContent = anemic
-      ? "Anemic: " + percent(p) + " is at or above the " + percent(threshold) + " threshold."
-      : "Not anemic: " + percent(p) + " is below the " + percent(threshold) + " threshold.";
+      ? "Possible anemia: " + percent(p) + " is at or above the " + percent(threshold) + " threshold."
+      : "No anemia detected by the screen: " + percent(p) + " is below the " + percent(threshold) + " threshold.";
     $("result-threshold").textContent = percent(threshold);
+    state.lastResult = body;
+    showAccuracy(body);
+    var answered = body.model || {};
+    if (!state.model || (answered.sha256 && state.model.sha256 !== answered.sha256)) {
+      // The server restarted with another model (or /v1/model was not read yet): the figures
+      // shown must be that model's, so ask again; showAccuracy runs once more when it answers.
+      checkService();
+    }
     var r = body.roi || {};
     var roiNames = { alpha: "transparent background of the picture", polygon: "your outline (points)",
       bbox: "your box", full: "the whole photo" };
@@ -783,9 +800,7 @@
     $("result-latency").textContent = parts.join(" · ");
     $("result-request").textContent = body.request_id || "";
     drawGauge(p, threshold);
-    // One short sentence for screen readers; the details table stays out of the announcement.
-    $("announce").textContent = "Anemia probability " + percent(p) + ". " + $("result-label").textContent +
-      " A screening aid — confirm with a hemoglobin test.";
+    announceResult(body);
     $("result-stale").hidden = true;
     result.hidden = false;
     state.hasResult = true;
@@ -793,6 +808,62 @@
       // Portrait: the page scrolls to the result. Landscape: only the left-hand column does.
       result.scrollIntoView({ behavior: "smooth", block: "start" });
     }
+  }
+
+  // What the screen's measured operating point means, in words a clinician reads at a glance:
+  // sensitivity as "finds about N in 10 anemic children", 1 - specificity as "wrongly flags about
+  // M in 10 others". The figures come from /v1/model, measured on the model's own threshold.
+  function aboutInTen(fraction) {
+    var n = Math.round(fraction * 10);
+    if (n <= 0) { return "fewer than 1 in 10"; }
+    if (n >= 10) { return "almost all"; }
+    return "about " + n + " in 10";
+  }
+
+  function pointFor(body) {
+    var model = state.model;
+    if (!model) { return { text: "The screen's accuracy is not known: the page could not read it from the server.", detail: "Not read from the server." }; }
+    var op = model.operating_point;
+    var m = body.model || {};
+    if (m.sha256 && model.sha256 && m.sha256 !== model.sha256) {
+      return { text: "The screen's accuracy is being read from the server again.", detail: "" };
+    }
+    if (!op || !op.known || !op.sensitivity || !op.specificity) {
+      return { text: "The screen's accuracy is not known for this model.", detail: "Not measured for this model." };
+    }
+    var figures = "sensitivity " + roundPercent(op.sensitivity) + ", specificity " + roundPercent(op.specificity);
+    var where = "Measured on " + [op.measured_on, op.interval].filter(Boolean).join("; ") + ".";
+    if (!op.applies) {
+      var served = typeof body.threshold === "number" ? body.threshold : model.threshold;
+      return {
+        text: "This server uses its own threshold (" + percent(served) + "), so the screen's measured accuracy does not apply to this result.",
+        detail: "Measured at the model's " + percent(op.threshold) + " threshold, not this one: " + figures + ". " + where
+      };
+    }
+    return {
+      text: "This screen finds " + aboutInTen(op.sensitivity.value) + " anemic children and wrongly flags " +
+        aboutInTen(1 - op.specificity.value) + " others.",
+      detail: figures.charAt(0).toUpperCase() + figures.slice(1) + ". " + where
+    };
+  }
+
+  function roundPercent(rate) {
+    var whole = function (x) { return String(Math.round(x * 100)); };
+    return whole(rate.value) + "% (" + whole(rate.ci_low) + "–" + whole(rate.ci_high) + "%)";
+  }
+
+  function showAccuracy(body) {
+    var words = pointFor(body);
+    $("result-accuracy").textContent = words.text;
+    $("result-accuracy-detail").textContent = words.detail;
+    if (state.hasResult) { announceResult(body); }
+  }
+
+  function announceResult(body) {
+    // One short paragraph for screen readers; the details table stays out of the announcement.
+    $("announce").textContent = "Anemia probability " + percent(body.anemia_probability) + ". " +
+      $("result-label").textContent + " " + $("result-accuracy").textContent +
+      " A screening aid — confirm with a hemoglobin test.";
   }
 
   // Semicircular gauge: 0% on the left, 100% on the right, the threshold marked where the colours meet.

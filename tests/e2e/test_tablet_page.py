@@ -34,6 +34,7 @@ from service.startup import BackendFactory
 from service.runtime.base import InferenceBackend
 from tests.support import CP_ANEMIC_DIR, PROJECT_ROOT
 from tests.images import encode, with_exif_orientation
+from tests.model_factory import make_test_model, screening_metadata
 
 CHROMIUM = Path(os.environ.get("ANEMIA_E2E_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("ANEMIA_E2E_CHROMEDRIVER", "/usr/bin/chromedriver"))
@@ -41,6 +42,11 @@ ARTIFACTS_DIR = PROJECT_ROOT / "test-artifacts" / "e2e"
 DOCS_IMAGES_DIR = PROJECT_ROOT / "docs" / "images"
 CP_ANEMIC_IMAGE = CP_ANEMIC_DIR / "Anemic" / "Image_001.png"
 API_KEY = "clinic-tablet-e2e-key"
+# The screen model's made-up operating point (tests/model_factory.py: sensitivity 0.90, specificity 0.48),
+# in the page's words: 1 - 0.48 = 0.52 of the others are flagged.
+SCREEN_ACCURACY = "This screen finds about 9 in 10 anemic children and wrongly flags about 5 in 10 others."
+SCREEN_ACCURACY_DETAIL = "sensitivity 90% (82–95%), specificity 48% (40–57%)"
+UNKNOWN_ACCURACY = "The screen's accuracy is not known for this model."
 LANDSCAPE = (1280, 800)  # CSS pixels of a 10-inch tablet held sideways
 PORTRAIT = (800, 1280)
 WAIT_SECONDS = 15.0
@@ -118,8 +124,35 @@ def serve(settings: Settings, factory: Optional[BackendFactory] = None) -> Itera
 
 
 @pytest.fixture(scope="module")
-def live_server(model_path: Path, engine_dir: Path) -> Iterator[LiveServer]:
-    settings = load_settings(model=model_path, engine_dir=engine_dir, api_key=API_KEY, intra_op_threads=1)
+def screen_model(tmp_path_factory: pytest.TempPathFactory, pictures: Dict[str, Path]) -> Path:
+    """The test model with an operating point, its threshold between the red and the pale eyelid.
+
+    So one server gives both outcomes: the whole red photo on one side, the pale one on the other.
+    """
+    import onnxruntime as ort
+
+    from service.model_info import INPUT_NAME, ModelInfo
+    from service.preprocess import PreprocessLimits, preprocess_roi
+
+    directory = tmp_path_factory.mktemp("screen-model")
+    plain = make_test_model(directory / "plain.onnx")
+    spec = ModelInfo.from_onnx(plain).spec
+    session = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
+    probabilities = []
+    for name in ("jpeg", "pale"):
+        tensor = preprocess_roi(pictures[name].read_bytes(), None, spec, PreprocessLimits()).tensor
+        probabilities.append(float(session.run(None, {INPUT_NAME: tensor})[0].reshape(-1)[0]))
+    assert abs(probabilities[0] - probabilities[1]) > 0.002, probabilities  # a clear margin on each side
+    threshold = round(sum(probabilities) / 2, 6)
+    return make_test_model(directory / "screen.onnx", threshold=threshold, extra_metadata=screening_metadata(threshold))
+
+
+@pytest.fixture(scope="module")
+def live_server(screen_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    settings = load_settings(
+        model=screen_model, engine_dir=tmp_path_factory.mktemp("screen-engines"), auto_build=True,
+        api_key=API_KEY, intra_op_threads=1,
+    )
     with serve(settings) as server:
         yield server
 
@@ -345,6 +378,8 @@ def read_result(driver: Any) -> Dict[str, Any]:
         "probability_shown_percent": float(shown[:-1]),
         "label_attr": result.get_attribute("data-label"),
         "label_text": text_of(driver, "result-label"),
+        "accuracy_text": text_of(driver, "result-accuracy"),
+        "accuracy_detail": text_of(driver, "result-accuracy-detail"),
         "roi_text": text_of(driver, "result-roi"),
         "engine_text": text_of(driver, "result-engine"),
         "latency_text": text_of(driver, "result-latency"),
@@ -354,14 +389,19 @@ def read_result(driver: Any) -> Dict[str, Any]:
     }
 
 
-def assert_result_matches_api(shown: Dict[str, Any], api: Dict[str, Any]) -> None:
+def assert_result_matches_api(shown: Dict[str, Any], api: Dict[str, Any], accuracy: str = SCREEN_ACCURACY) -> None:
     # The page shows one decimal of a percentage: it must be the API's value, rounded.
     assert abs(shown["probability_shown_percent"] - api["anemia_probability"] * 100.0) <= 0.05 + 1e-9, (shown, api)
     # Batch composition can move the last float bits; anything beyond that is a different input.
     assert shown["probability_attr"] == pytest.approx(api["anemia_probability"], abs=1e-5)
     assert shown["label_attr"] == api["label"]
-    expected_words = "Anemic:" if api["label"] == "anemic" else "Not anemic:"
+    expected_words = "Possible anemia:" if api["label"] == "anemic" else "No anemia detected by the screen:"
     assert shown["label_text"].startswith(expected_words), shown["label_text"]
+    # A screen does not rule anemia out: no verdict of "not anemic" anywhere, read or heard.
+    assert "not anemic" not in shown["full_text"].lower() and "not anemic" not in shown["announced"].lower()
+    # Next to every result: what the screen's measured accuracy means, from /v1/model.
+    assert shown["accuracy_text"] == accuracy, shown["accuracy_text"]
+    assert accuracy in shown["announced"]
     assert "{:.1f}%".format(api["threshold"] * 100) in shown["label_text"]
     assert "{} / {}".format(api["precision"], api["backend"]) == shown["engine_text"]
     assert "{:,}".format(api["roi"]["pixels"]) in shown["roi_text"]
@@ -386,8 +426,10 @@ def save_screenshot(driver: Any, name: str, docs_name: Optional[str] = None) -> 
 # Pictures made in code
 
 
-def eye_photo(width: int = 640, height: int = 480, seed: int = 3) -> np.ndarray:
-    """An RGB 'photo' of a pulled-down lower eyelid: skin, white of the eye, a red conjunctiva band."""
+def eye_photo(
+    width: int = 640, height: int = 480, seed: int = 3, band: Tuple[float, float, float] = (200, 82, 92)
+) -> np.ndarray:
+    """An RGB 'photo' of a pulled-down lower eyelid: skin, white of the eye, a conjunctiva band (red by default)."""
     rng = np.random.default_rng(seed)
     image = np.empty((height, width, 3), dtype=np.float32)
     image[:] = (196, 146, 118)  # skin
@@ -397,9 +439,9 @@ def eye_photo(width: int = 640, height: int = 480, seed: int = 3) -> np.ndarray:
     image[eye] = (236, 232, 228)
     iris = ((xx - cx) ** 2 + (yy - cy) ** 2) <= (height * 0.13) ** 2
     image[iris] = (92, 64, 44)
-    band = ((xx - cx) / (width * 0.3)) ** 2 + ((yy - height * 0.68) / (height * 0.08)) ** 2 <= 1.0
     shade = 0.85 + 0.3 * (xx / width)
-    image[band] = np.stack([200 * shade, 82 * shade, 92 * shade], axis=-1)[band]
+    inside = ((xx - cx) / (width * 0.3)) ** 2 + ((yy - height * 0.68) / (height * 0.08)) ** 2 <= 1.0
+    image[inside] = np.stack([band[0] * shade, band[1] * shade, band[2] * shade], axis=-1)[inside]
     image += rng.normal(0, 4, size=image.shape)  # some sensor noise; more only bloats the screenshots
     return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -418,6 +460,9 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     }
     jpeg = encode(eye_photo(), ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 90])
     paths["jpeg"].write_bytes(jpeg)
+    # A pale conjunctiva, the sign of anemia the screen looks for.
+    paths["pale"] = directory / "pale-eyelid.jpg"
+    paths["pale"].write_bytes(encode(eye_photo(band=(236, 190, 186)), ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 90]))
     # What a tablet camera held upright writes: landscape pixels plus "rotate 90° clockwise".
     paths["rotated"] = directory / "upright.jpg"
     paths["rotated"].write_bytes(with_exif_orientation(jpeg, 6))
@@ -649,6 +694,59 @@ def test_busy_server_is_explained_and_the_photo_is_kept(
     assert page_roi(browser) == roi
     assert submit_and_wait(browser) == "result", text_of(browser, "error")
     assert read_result(browser)["roi"] == roi
+
+
+def check_whole_photo(driver: Any, server: LiveServer, picture: Path, accuracy: str) -> Dict[str, Any]:
+    """Upload ``picture``, use the whole photo, press Check; compare with the API; return what was shown."""
+    upload(driver, picture)
+    driver.find_element(By.ID, "whole-photo").click()
+    assert submit_and_wait(driver) == "result", text_of(driver, "error")
+    shown = read_result(driver)
+    body = server.predict(picture.read_bytes(), picture.name).json()
+    assert body["roi"]["source"] == "full"
+    assert_result_matches_api(shown, body, accuracy)
+    return shown
+
+
+def test_both_outcomes_are_worded_as_a_screen_with_its_accuracy(
+    browser: Any, live_server: LiveServer, pictures: Dict[str, Path]
+) -> None:
+    open_page(browser, live_server, key=API_KEY)
+    outcomes = {}
+    for name in ("jpeg", "pale"):
+        shown = check_whole_photo(browser, live_server, pictures[name], SCREEN_ACCURACY)
+        outcomes[shown["label_attr"]] = shown
+        assert shown["accuracy_detail"].startswith("S" + SCREEN_ACCURACY_DETAIL[1:] + ". Measured on grouped out-of-fold")
+        assert "427 photographs" in shown["accuracy_detail"]  # where it was measured, from /v1/model
+        if shown["label_attr"] == "non-anemic":
+            save_screenshot(browser, "no_anemia_detected_result")
+    assert set(outcomes) == {"anemic", "non-anemic"}  # the screen model's threshold sits between the two
+    assert outcomes["anemic"]["label_text"].startswith("Possible anemia: ")
+    assert outcomes["non-anemic"]["label_text"].startswith("No anemia detected by the screen: ")
+
+
+def test_accuracy_is_said_to_be_unknown_or_not_to_apply(
+    browser: Any, model_path: Path, engine_dir: Path, screen_model: Path, pictures: Dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    # A model that carries no operating point (an older export): the page does not invent one.
+    plain = load_settings(model=model_path, engine_dir=engine_dir, api_key=API_KEY, intra_op_threads=1)
+    with serve(plain) as server:
+        open_page(browser, server, key=API_KEY)
+        shown = check_whole_photo(browser, server, pictures["jpeg"], UNKNOWN_ACCURACY)
+        assert shown["accuracy_detail"] == "Not measured for this model."
+    # ANEMIA_THRESHOLD moves the threshold: the figures measured at the model's own do not apply.
+    overridden = load_settings(
+        model=screen_model, engine_dir=tmp_path / "engines", auto_build=True, api_key=API_KEY, intra_op_threads=1,
+        threshold=0.3,
+    )
+    with serve(overridden) as server:
+        open_page(browser, server, key=API_KEY)
+        check_whole_photo(
+            browser, server, pictures["jpeg"],
+            "This server uses its own threshold (30.0%), so the screen's measured accuracy does not apply to this result.",
+        )
+        assert "not this one: " + SCREEN_ACCURACY_DETAIL in text_of(browser, "result-accuracy-detail")
 
 
 def test_page_basics_for_touch_and_screen_readers(browser: Any, live_server: LiveServer) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import httpx
@@ -15,15 +16,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import ServiceState, build_state, create_app, prepare_request
-from service.config import Settings
+from service.config import Settings, load_settings
 from service.errors import InvalidRoi
 from service.model_info import ModelInfo
 from service.preprocess import PreprocessLimits, parse_roi_json, preprocess_roi
 from service.startup import backend_factory, resolve_engine
 from service.runtime.base import InferenceBackend
+from service.schemas import ModelDescription
 from tests.backends import InstrumentedBackend
 from tests.support import post_image, wait_ready
 from tests.images import bomb_png, conjunctiva_rgba, encode, rgb_photo
+from tests.model_factory import make_test_model, screening_metadata
 
 POLYGON = json.dumps({"polygon": [[40, 30], [280, 40], [270, 200], [50, 190]]})
 
@@ -130,6 +133,41 @@ def test_model_endpoint_shows_metadata_and_engine(client: Any, make_settings: Ca
     assert body["engine"]["precision"] == "fp32" and body["engine"]["backend"] == "onnxruntime"
     assert body["engine"]["model_sha256"] == body["sha256"] == ModelInfo.from_onnx(make_settings().model).sha256
     assert body["metadata"]["preprocess.mean"] == [127.5, 127.5, 127.5]
+
+
+def test_model_endpoint_says_no_operating_point_is_known_for_a_model_without_one(client: Any) -> None:
+    body = client.get("/v1/model").json()
+    ModelDescription.model_validate(body)
+    assert body["operating_point"]["known"] is False and body["operating_point"]["applies"] is False
+    assert "not known" in body["operating_point"]["note"]
+    assert body["calibration"]["known"] is False
+
+
+def test_model_endpoint_returns_the_operating_point_and_calibration(tmp_path: Path, crop_png: bytes) -> None:
+    model = make_test_model(tmp_path / "screen.onnx", extra_metadata=screening_metadata(0.41))
+    settings = load_settings(model=model, engine_dir=tmp_path / "engines", auto_build=True, intra_op_threads=1)
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        body = client.get("/v1/model").json()
+        prediction = post_image(client, crop_png).json()
+    ModelDescription.model_validate(body)
+    point = body["operating_point"]
+    assert point["known"] is True and point["applies"] is True and point["threshold"] == body["threshold"] == 0.41
+    assert point["sensitivity"] == {"value": 0.9, "ci_low": 0.82, "ci_high": 0.95}
+    assert point["specificity"]["value"] == 0.48 and "cluster bootstrap" in point["interval"]
+    assert body["calibration"]["known"] is True and body["calibration"]["slope"] == 0.43
+    # predict is unchanged: the label is judged at the threshold it reports
+    assert set(prediction) == {"request_id", "anemia_probability", "label", "threshold", "precision", "backend", "model", "roi", "latency_ms"}
+    assert prediction["threshold"] == 0.41
+    assert prediction["label"] == ("anemic" if prediction["anemia_probability"] >= 0.41 else "non-anemic")
+
+    overridden = settings.model_copy(update={"threshold": 0.2})
+    with TestClient(create_app(overridden)) as client:
+        wait_ready(client)
+        body = client.get("/v1/model").json()
+    assert body["threshold"] == 0.2  # what the server judges at
+    assert body["operating_point"]["threshold"] == 0.41  # what was measured
+    assert body["operating_point"]["applies"] is False and "ANEMIA_THRESHOLD=0.2" in body["operating_point"]["note"]
 
 
 def test_health_and_openapi(client: Any) -> None:

@@ -53,3 +53,17 @@ def test_export_refuses_a_graph_that_disagrees(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(export, "ORT_TOLERANCE", -1.0)  # any difference, even 0, is now too much
     with pytest.raises(RuntimeError, match="differs from torch"):
         export_onnx(MobileNetV2(width_mult=0.25), tmp_path / "m.onnx", PreprocessSpec(input_size=64), 0.5, "v", "0" * 64)
+
+
+def test_operating_metadata_keeps_threshold_and_operating_point_equal(tmp_path: Path) -> None:
+    from service.model_info import KEY_OPERATING_POINT, KEY_THRESHOLD, OperatingPoint
+    from tests.model_factory import make_test_model, screening_metadata
+    from training.export import operating_metadata
+
+    point = OperatingPoint.from_json(screening_metadata(0.37)[KEY_OPERATING_POINT])
+    props = operating_metadata(0.37, point)
+    assert float(props[KEY_THRESHOLD]) == json.loads(props[KEY_OPERATING_POINT])["threshold"] == 0.37
+    info = ModelInfo.from_onnx(make_test_model(tmp_path / "m.onnx", extra_metadata=props))
+    assert info.operating_point == point and info.calibration is None
+    with pytest.raises(ValueError, match="differs from the threshold"):
+        operating_metadata(0.5, point)
