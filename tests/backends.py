@@ -27,10 +27,14 @@ class InstrumentedBackend(InferenceBackend):
         self.fail_if = fail_if
         self.batch_sizes: List[int] = []
         self.closed = False
+        self.held = 0  # calls waiting at the gate now
+
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if self.gate is not None:
+            self.held += 1
             self.gate.wait(10.0)
+            self.held -= 1
         if self.delay_seconds:
             time.sleep(self.delay_seconds)
         if self.fail_if is not None and self.fail_if(batch):

@@ -277,6 +277,14 @@ def test_api_key(make_settings: Callable[..., Settings], crop_png: bytes) -> Non
         assert client.get("/metrics").status_code == 200
 
 
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll ``condition`` on the event loop; fail (never hang) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in {} s".format(timeout_s)
+        await asyncio.sleep(0.01)
+
+
 def test_overloaded_when_too_many_in_flight(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
     """Admitted requests that hold the queue and the running batch turn the next one away with 503."""
     gate = threading.Event()
@@ -295,9 +303,13 @@ def test_overloaded_when_too_many_in_flight(make_settings: Callable[..., Setting
             gate.clear()  # the backend now holds whatever reaches it
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-                admitted = [asyncio.ensure_future(http.post("/v1/predict", files={"image": ("a.png", p, "image/png")})) for p in pictures]
-                while "anemia_requests_in_flight 2.0" not in (await http.get("/metrics")).text:
-                    await asyncio.sleep(0.01)
+                # the first must be held in the backend before the second queues: sent together, the
+                # second can find the one-slot queue still full and be turned away itself
+                admitted = [asyncio.ensure_future(http.post("/v1/predict", files={"image": ("a.png", pictures[0], "image/png")}))]
+                await wait_until(lambda: holder["backend"].held == 1)
+                admitted.append(asyncio.ensure_future(http.post("/v1/predict", files={"image": ("a.png", pictures[1], "image/png")})))
+                await wait_until(lambda: state.in_flight == 2 and state.preparing == 0)
+                assert "anemia_requests_in_flight 2.0" in (await http.get("/metrics")).text
                 turned_away = await http.post("/v1/predict", files={"image": ("a.png", crop_png, "image/png")})
                 gate.set()
                 answered = await asyncio.gather(*admitted)
