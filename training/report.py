@@ -1,7 +1,8 @@
 """Model-card material from the CV outputs: markdown tables and the ROC curve image.
 
-``python -m training.report`` reads ``models/cv/{cv_metrics,baselines,shortcut}.json`` and the
-OOF csv files, writes ``models/roc.png`` and prints the tables that ``models/MODEL_CARD.md`` shows.
+``python -m training.report`` reads ``models/cv/{cv_metrics,baselines,shortcut}.json``, the OOF csv
+files, the duplicate clusters and ``models/cv/random_split/`` (the old random folds, kept only to
+show the leak), writes ``models/roc.png`` and prints the tables that ``models/MODEL_CARD.md`` shows.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from training.metrics import METRIC_NAMES, format_ci
+from training.metrics import METRIC_NAMES, bootstrap_metrics, format_ci
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE_TITLES = {
     "colour_hgb": "Colour statistics + gradient boosting",
     "frozen_mobilenetv2_logreg": "Frozen ImageNet MobileNetV2 features + logistic regression",
     "shape_only_hgb": "Crop size/shape only + gradient boosting (shortcut)",
+    "pixel_1nn_memoriser": "1-nearest-neighbour on the pixels (a pure memoriser)",
 }
 
 
@@ -46,6 +48,57 @@ def baselines_table(cv: Dict[str, Any], baselines: Dict[str, Any]) -> str:
     for key, metrics in baselines["results"].items():
         rows.append(metrics_row(BASELINE_TITLES.get(key, key), metrics))
     return "\n".join([header] + rows)
+
+
+def duplicates_summary(clusters: Dict[str, Any]) -> str:
+    kinds = ", ".join("{} {}".format(k.replace("_", " "), v) for k, v in clusters["links_by_kind"].items())
+    return (
+        "{n_images} images show {n_clusters} distinct photographs: {n_images_with_a_copy} images lie in "
+        "{n_clusters_with_copies} clusters of two or more copies (the largest {largest_cluster}); {spanning} of those "
+        "clusters list their copies under more than one hospital, {clusters_with_label_conflict} under both labels. "
+        "Links found: {kinds}."
+    ).format(kinds=kinds, spanning=clusters["clusters_spanning_hospitals"], **clusters)
+
+
+def oof_metrics(oof_csv: Path, clusters_json: Path, n_boot: int = 2000, seed: int = 42) -> Dict[str, Dict[str, float]]:
+    """Pooled metrics of an OOF file at its fold thresholds, with the cluster bootstrap."""
+    from training.duplicates import load_clusters
+
+    with open(oof_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    clusters = load_clusters(clusters_json)
+    labels = np.asarray([int(r["label"]) for r in rows])
+    probs = np.asarray([float(r["probability"]) for r in rows])
+    thresholds = np.asarray([float(r["threshold"]) for r in rows])
+    return bootstrap_metrics(labels, probs, thresholds, n_boot=n_boot, seed=seed, groups=[clusters[r["image_id"]] for r in rows])
+
+
+def leak_table(grouped_cv: Dict[str, Any], random_cv: Dict[str, Any], grouped_baselines: Dict[str, Any], random_baselines: Dict[str, Any]) -> str:
+    """Random folds against grouped folds, side by side: what the copies did to every figure."""
+    header = "| model | random folds: accuracy | random folds: AUC | grouped folds: accuracy | grouped folds: AUC |\n|---|---|---|---|---|"
+    rows = [("MobileNetV2 fine-tuned (the CNN)", random_cv["pooled_oof"], grouped_cv["pooled_oof"])]
+    for key, title in BASELINE_TITLES.items():
+        if key in grouped_baselines["results"] and key in random_baselines["results"]:
+            rows.append((title, random_baselines["results"][key], grouped_baselines["results"][key]))
+    lines = [header]
+    for title, leaky, honest in rows:
+        lines.append("| {} | {} | {} | {} | {} |".format(title, format_ci(leaky["accuracy"]), format_ci(leaky["auc"]), format_ci(honest["accuracy"]), format_ci(honest["auc"])))
+    return "\n".join(lines)
+
+
+def hospital_table(baselines: Dict[str, Any]) -> str:
+    views = baselines.get("leave_one_hospital_out")
+    if not views:
+        return ""
+    lines = ["| leave one hospital out | hospitals tested | images tested | mean training images | colour baseline AUC | 1-NN memoriser AUC |", "|---|---|---|---|---|---|"]
+    for name, view in views.items():
+        lines.append(
+            "| {} | {} | {} | {:.0f} | {} | {} |".format(
+                name.replace("_", " "), len(view["hospitals_tested"]), view["n_images_tested"], view["mean_training_images"],
+                format_ci(view["colour_hgb"]["auc"]), format_ci(view["pixel_1nn_memoriser"]["auc"]),
+            )
+        )
+    return "\n".join(lines)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -100,7 +153,7 @@ def roc_figure(cv_dir: Path, out: Path) -> None:
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("1 − specificity")
     ax.set_ylabel("sensitivity")
-    ax.set_title("CP-AnemiC, stratified 5-fold out-of-fold ROC (n={})".format(len(ids)))
+    ax.set_title("CP-AnemiC, 5 folds grouped by photograph, out-of-fold ROC (n={})".format(len(ids)))
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(out)
@@ -113,10 +166,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--roc", type=Path, default=REPO_ROOT / "models" / "roc.png")
     a = p.parse_args(argv)
     cv = json.loads((a.cv_dir / "cv_metrics.json").read_text())
+    clusters_path = a.cv_dir / "duplicate_clusters.json"
+    if clusters_path.is_file():
+        print("## Duplicates\n\n" + duplicates_summary(json.loads(clusters_path.read_text())) + "\n")
     print("## CV\n\n" + cv_table(cv) + "\n")
     baselines_path = a.cv_dir / "baselines.json"
     if baselines_path.is_file():
-        print("## Baselines\n\n" + baselines_table(cv, json.loads(baselines_path.read_text())) + "\n")
+        baselines = json.loads(baselines_path.read_text())
+        print("## Baselines\n\n" + baselines_table(cv, baselines) + "\n")
+        random_dir = a.cv_dir / "random_split"
+        if (random_dir / "baselines.json").is_file():
+            # the old run's own intervals resampled images; recomputed here over photographs
+            random_cv = {"pooled_oof": oof_metrics(random_dir / "oof_predictions.csv", clusters_path)}
+            print("## The leak: random folds against grouped folds\n\n" + leak_table(cv, random_cv, baselines, json.loads((random_dir / "baselines.json").read_text())) + "\n")
+        if baselines.get("leave_one_hospital_out"):
+            print("## Leave one hospital out\n\n" + hospital_table(baselines) + "\n")
     print("## Subgroups\n\n" + subgroup_tables(cv) + "\n")
     roc_figure(a.cv_dir, a.roc)
     print("ROC curve written to {}".format(a.roc))
