@@ -117,6 +117,11 @@ def build_parser(settings: Optional[Settings] = None) -> Dict[str, argparse.Argu
     evaluate.add_argument("--fold-models", default=str(PROJECT_ROOT / "runs" / "cv" / "fold{k}" / "model.onnx"), help="pattern with {k}")
     evaluate.add_argument("--oof-csv", type=Path, default=PROJECT_ROOT / "models" / "cv" / "oof_predictions.csv",
                           help="training's OOF predictions, to cross-check the FP32 scores")
+    evaluate.add_argument("--operating-point", type=Path, default=None,
+                          help="calibration report (python -m training.calibration apply --report): judge each fold at its "
+                          "operating-point threshold (target sensitivity on its validation split) instead of its model's metadata threshold")
+    evaluate.add_argument("--clusters", type=Path, default=PROJECT_ROOT / "models" / "cv" / "duplicate_clusters.json",
+                          help="duplicate clusters (python -m training.duplicates): intervals resample photographs; ignored if missing")
     evaluate.add_argument("--precision", type=_precisions, default=list(PRECISIONS))
     evaluate.add_argument("--int8-variants", default="",
                           help="extra INT8 rows, comma list of method[+bc|+nobc][+rr][+keep][+qdq] e.g. entropy,minmax+bc,percentile+rr,minmax+qdq "

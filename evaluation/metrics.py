@@ -59,16 +59,40 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: Any) -> Dic
     }
 
 
+def photograph_groups(clusters_path: Path, image_ids: Sequence[str]) -> np.ndarray:
+    """Per image, the photograph it shows: its duplicate cluster (``python -m training.duplicates``).
+
+    The file lists ``{"clusters": [{"id": int, "members": [image_id, ...]}, ...]}``; an image in no
+    cluster is a photograph of its own.
+    """
+    cluster_of: Dict[str, int] = {}
+    for cluster in json.loads(Path(clusters_path).read_text())["clusters"]:
+        for member in cluster["members"]:
+            cluster_of[str(member)] = int(cluster["id"])
+    own = {image_id: -1 - i for i, image_id in enumerate(image_ids)}  # negative: never a cluster id
+    return np.asarray([cluster_of.get(image_id, own[image_id]) for image_id in image_ids], np.int64)
+
+
 def bootstrap_intervals(
-    labels: np.ndarray, probs: np.ndarray, threshold: Any, resamples: int = 1000, seed: int = 0, level: float = 0.95
+    labels: np.ndarray, probs: np.ndarray, threshold: Any, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+    groups: Optional[np.ndarray] = None,
 ) -> Dict[str, Tuple[float, float]]:
-    """Percentile bootstrap intervals over images (resampled with replacement)."""
+    """Percentile bootstrap intervals, resampling ``groups`` (photographs) with replacement, else images.
+
+    Copies of one photograph are not independent draws: resampling them one by one narrows the
+    interval as if there were more photographs than there are.
+    """
     rng = np.random.default_rng(seed)
     n = len(labels)
     thresholds = np.broadcast_to(np.asarray(threshold, np.float64), (n,))
+    if groups is None:
+        members = [np.asarray([i]) for i in range(n)]
+    else:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)] if n else []
     samples: Dict[str, List[float]] = {m: [] for m in METRICS}
     for _ in range(resamples):
-        idx = rng.integers(0, n, n)
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         values = binary_metrics(labels[idx], probs[idx], thresholds[idx])
         for key in METRICS:
             samples[key].append(values[key])

@@ -209,6 +209,7 @@ def summarize(
     thresholds: np.ndarray,
     sizes: Dict[str, List[int]],
     bootstrap: int,
+    groups: Optional[np.ndarray] = None,
 ) -> Dict[str, Dict[str, Any]]:
     results: Dict[str, Dict[str, Any]] = {}
     reference = probs["fp32"]
@@ -222,7 +223,7 @@ def summarize(
             "precision": variant.precision,
             "options": variant.int8,
             "metrics": ev.binary_metrics(labels, p, thresholds),
-            "intervals": ev.bootstrap_intervals(labels, p, thresholds, bootstrap) if bootstrap else {},
+            "intervals": ev.bootstrap_intervals(labels, p, thresholds, bootstrap, groups=groups) if bootstrap else {},
             "agreement": ev.agreement(reference, p, thresholds) if variant.name != "fp32" else {},
             "size_bytes": size,
             "size_vs_fp32": size / fp32_size if fp32_size else None,
@@ -276,12 +277,13 @@ def write_report(
     layers: Dict[str, List[Dict[str, Any]]],
     notes: List[str],
     extra: Dict[str, Any],
+    interval_unit: str = "images",
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     pictures = ev.plot_curves(results, labels, out_dir, title)
     lines = ["# {}".format(title), "", "Command: `{}`".format(command), ""]
     lines += ["- " + note for note in notes] + [""]
-    lines += ["## Classification (95% bootstrap intervals over images)", "", ev.markdown_table(results), ""]
+    lines += ["## Classification (95% bootstrap intervals over {})".format(interval_unit), "", ev.markdown_table(results), ""]
     if latency:
         lines += ["## Latency (server backend, after warm-up)", "", ev.latency_table(latency), ""]
     for name, rows in layers.items():
@@ -310,6 +312,14 @@ def _machine(backend_name: str = "onnxruntime") -> str:
         backend.tool_version(), platform.python_version())
 
 
+def operating_point_thresholds(report_path: Path) -> Dict[Any, float]:
+    """Per fold, the uncalibrated threshold the served operating point was chosen with (the calibration report)."""
+    report = json.loads(Path(report_path).read_text())
+    thresholds: Dict[Any, float] = {int(row["fold"]): float(row["threshold_uncalibrated"]) for row in report["per_fold"]}
+    thresholds["target"] = float(report["target_sensitivity"])
+    return thresholds
+
+
 def run_oof_evaluation(args: argparse.Namespace, command: str) -> int:
     """``command``: how the evaluation was invoked, recorded in the report."""
     if args.backend != ONNXRUNTIME.name:  # the fold artifacts are ONNX Runtime's (make_artifact)
@@ -324,6 +334,7 @@ def run_oof_evaluation(args: argparse.Namespace, command: str) -> int:
     sizes: Dict[str, List[int]] = {v.name: [] for v in variants}
     labels: List[int] = []
     thresholds: List[float] = []
+    image_folds: List[int] = []
     used_folds: List[int] = []
     notes: List[str] = []
     spec = None
@@ -353,13 +364,25 @@ def run_oof_evaluation(args: argparse.Namespace, command: str) -> int:
         all_ids += test_ids
         labels += [images[i][1] for i in test_ids]
         thresholds += [info.threshold] * len(test_ids)
+        image_folds += [k] * len(test_ids)
         used_folds.append(k)
     if not used_folds:
         LOG.error("no fold model found (pattern %s)", args.fold_models)
         return 2
+    operating_point = getattr(args, "operating_point", None)
+    fold_threshold: Dict[Any, float] = {}
+    if operating_point is not None:
+        fold_threshold = operating_point_thresholds(Path(operating_point))
+        missing = [k for k in used_folds if k not in fold_threshold]
+        if missing:
+            LOG.error("%s has no threshold for folds %s", operating_point, missing)
+            return 2
+        thresholds = [fold_threshold[k] for k in image_folds]
     y, t = np.asarray(labels), np.asarray(thresholds)
     merged = {name: np.concatenate(parts) for name, parts in probs.items() if parts}
-    results = summarize(variants, merged, y, t, sizes, args.bootstrap)
+    clusters = getattr(args, "clusters", None)
+    groups = ev.photograph_groups(Path(clusters), all_ids) if clusters is not None and Path(clusters).is_file() else None
+    results = summarize(variants, merged, y, t, sizes, args.bootstrap, groups)
     training_oof = _read_oof_csv(args.oof_csv)
     if training_oof:
         common = [i for i, image_id in enumerate(all_ids) if image_id in training_oof]
@@ -375,13 +398,17 @@ def run_oof_evaluation(args: argparse.Namespace, command: str) -> int:
     latency, layers = latency_section(Path(latency_model), variants, calibration_for_latency, sample, args, out_dir, reuse)
     notes += [
         "out-of-fold on {} images of {} ({} anemic), folds {} of {}".format(len(y), args.data_dir, int(y.sum()), used_folds, len(folds)),
-        "each fold's threshold (from its model's metadata) applies to that fold's FP32 model and its quantized twins",
+        "each fold's threshold ({}) applies to that fold's FP32 model and its quantized twins".format(
+            "its operating-point threshold from {}: target sensitivity {} on its validation split, uncalibrated scale".format(
+                Path(operating_point).name, fold_threshold["target"]) if operating_point is not None else "from its model's metadata"),
+        "intervals resample {}".format("photographs ({} of them, from {})".format(len(set(groups.tolist())), Path(clusters).name)
+                                       if groups is not None else "images (no cluster file: too narrow where images are copies)"),
         "INT8/INT4 calibrated on at most {} of the fold's own train+val images (never its test images)".format(args.calibration_limit),
         "latency and per-layer tables: {} ({} intra-op threads; 0 = ORT default)".format(latency_model, args.threads),
         "machine: {}; date {}".format(_machine(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
     ]
     report = write_report(out_dir, "Out-of-fold evaluation per precision (ONNX Runtime, CPU)", command, results, y, latency, layers, notes,
-                          {"folds_used": used_folds, "image_ids": all_ids})
+                          {"folds_used": used_folds, "image_ids": all_ids}, "photographs" if groups is not None else "images")
     print(report.read_text())
     return 0
 

@@ -329,7 +329,7 @@ def describe_model(state: ServiceState) -> Dict[str, Any]:
         "metadata": state.model.public_metadata(),
         "engine": state.engine.entry.to_dict(),
         "batching": describe_batching(state.batcher),
-        "operating_point": describe_operating_point(state.model, state.threshold),
+        "operating_point": describe_operating_point(state.model, state.threshold, state.settings.precision),
         "calibration": describe_calibration(state.model),
     }
 

@@ -250,11 +250,16 @@ NO_OPERATING_POINT = (
 NO_CALIBRATION = "this model carries no calibration: its probabilities are the network's own outputs, not checked against outcomes"
 
 
-def describe_operating_point(model: ModelInfo, served_threshold: float) -> Dict[str, Any]:
+# training/calibration.py measures the operating point on the FP32 fold models
+MEASURED_PRECISION = "fp32"
+
+
+def describe_operating_point(model: ModelInfo, served_threshold: float, served_precision: str = MEASURED_PRECISION) -> Dict[str, Any]:
     """/v1/model's ``operating_point``: what was measured, and whether it describes the labels served.
 
-    ``applies`` is false when nothing was measured, or when the server judges at another threshold
-    (ANEMIA_THRESHOLD): the sensitivity and specificity belong to the model's threshold only.
+    ``applies`` is false when nothing was measured, when the server judges at another threshold
+    (ANEMIA_THRESHOLD), or when it runs another precision than the FP32 the figures were measured
+    with: a quantized engine gives other labels on some children (docs/quantization.md).
     """
     point = model.operating_point
     if point is None:
@@ -267,6 +272,14 @@ def describe_operating_point(model: ModelInfo, served_threshold: float) -> Dict[
             "ANEMIA_THRESHOLD={!r} overrides the model's threshold {!r}: the sensitivity and specificity "
             "were measured at the model's threshold and do not apply to the labels this server gives".format(
                 served_threshold, point.threshold
+            )
+        )
+    elif served_precision != MEASURED_PRECISION:
+        described["applies"] = False
+        described["note"] = (
+            "measured with the {} model; this server runs the {} engine, whose labels differ from {}'s on some "
+            "images (docs/quantization.md), so the sensitivity and specificity may not hold for its labels".format(
+                MEASURED_PRECISION.upper(), served_precision.upper(), MEASURED_PRECISION.upper()
             )
         )
     return described

@@ -89,7 +89,8 @@ class OperatingPointInfo(BaseModel):
     known: bool = Field(description="false: the model carries no measured operating point")
     applies: bool = Field(
         description="true only when the measured sensitivity and specificity describe the labels this server gives "
-        "(false when unknown, or when ANEMIA_THRESHOLD overrides the model's threshold)"
+        "(false when unknown, when ANEMIA_THRESHOLD overrides the model's threshold, or when the server runs another "
+        "precision than the FP32 it was measured with)"
     )
     note: Optional[str] = Field(default=None, description="why it is unknown or does not apply")
     target_sensitivity: Optional[float] = None

@@ -134,3 +134,15 @@ def test_out_of_fold_evaluation_scores_each_image_once_with_models_that_never_sa
     assert "| int8 |" in markdown
     assert "Command: `{}`".format(build_engines.command_line(argv)) in markdown and report["command"].startswith("python build_engines.py evaluate --data-dir ")
     assert report["command"].endswith("--int8-variants minmax+bc")  # what was run, not pytest's own argv
+
+    # judged at the operating point instead: each fold's own threshold from the calibration report
+    fold_thresholds = {0: 0.3, 1: 0.7}
+    calibration_report = tmp_path / "calibration.json"
+    calibration_report.write_text(json.dumps({"target_sensitivity": 0.9, "per_fold": [
+        {"fold": k, "threshold_uncalibrated": t} for k, t in fold_thresholds.items()]}))
+    assert build_engines.main(argv + ["--operating-point", str(calibration_report)]) == 0
+    at_point = json.loads((out / "report.json").read_text())
+    t = np.asarray([fold_thresholds[fold["fold"]] for fold in payload["folds"] for _ in fold["test_ids"]])
+    assert at_point["results"]["fp32"]["metrics"]["accuracy"] == pytest.approx(float(np.mean((np.asarray(p) >= t) == np.asarray(y))))
+    same_at_point = (np.asarray(cached["fp32"]) >= t) == (np.asarray(cached["int8"]) >= t)
+    assert at_point["results"]["int8"]["agreement"]["same_label"] == pytest.approx(float(same_at_point.mean()))

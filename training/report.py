@@ -183,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("## Leave one hospital out\n\n" + hospital_table(baselines) + "\n")
     print("## Subgroups\n\n" + subgroup_tables(cv) + "\n")
     roc_figure(a.cv_dir, a.roc)
-    print("ROC curve written to {}".format(a.roc))
+    print("ROC curve written to {}".format(a.roc), file=sys.stderr)
     return 0
 
 

@@ -833,6 +833,15 @@
     }
     var figures = "sensitivity " + roundPercent(op.sensitivity) + ", specificity " + roundPercent(op.specificity);
     var where = "Measured on " + [op.measured_on, op.interval].filter(Boolean).join("; ") + ".";
+    var measuredPrecision = "fp32";  // service/model_info.py MEASURED_PRECISION
+    var servedPrecision = body.precision || model.precision;
+    if (!op.applies && servedPrecision && servedPrecision !== measuredPrecision) {
+      return {
+        text: "This server runs the " + servedPrecision.toUpperCase() + " engine; the screen's accuracy was measured for " +
+          measuredPrecision.toUpperCase() + " and may differ for this result.",
+        detail: "Measured for " + measuredPrecision.toUpperCase() + ": " + figures + ". " + where
+      };
+    }
     if (!op.applies) {
       var served = typeof body.threshold === "number" ? body.threshold : model.threshold;
       return {

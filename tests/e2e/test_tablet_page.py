@@ -747,6 +747,18 @@ def test_accuracy_is_said_to_be_unknown_or_not_to_apply(
             "This server uses its own threshold (30.0%), so the screen's measured accuracy does not apply to this result.",
         )
         assert "not this one: " + SCREEN_ACCURACY_DETAIL in text_of(browser, "result-accuracy-detail")
+    # Another precision than the FP32 the figures were measured with: they may not hold either.
+    quantized = load_settings(
+        model=screen_model, engine_dir=tmp_path / "engines", auto_build=True, api_key=API_KEY, intra_op_threads=1,
+        precision="fp16",
+    )
+    with serve(quantized) as server:
+        open_page(browser, server, key=API_KEY)
+        check_whole_photo(
+            browser, server, pictures["jpeg"],
+            "This server runs the FP16 engine; the screen's accuracy was measured for FP32 and may differ for this result.",
+        )
+        assert text_of(browser, "result-accuracy-detail").startswith("Measured for FP32: " + SCREEN_ACCURACY_DETAIL + ". Measured on ")
 
 
 def test_page_basics_for_touch_and_screen_readers(browser: Any, live_server: LiveServer) -> None:

@@ -20,6 +20,23 @@ def test_auc_matches_the_pairwise_definition_with_ties() -> None:
     assert ev.roc_auc(y, p) == pytest.approx(pairwise)
 
 
+def test_the_bootstrap_resamples_photographs_when_given_their_groups(tmp_path: Path) -> None:
+    # two photographs listed 6 times each: one always judged right, one always wrong
+    y = np.array([1, 0] * 6)
+    p = np.array([0.9, 0.9] * 6)  # every anemic copy right, every other copy wrong
+    ids = ["a{}".format(i) for i in range(12)]
+    clusters = tmp_path / "clusters.json"
+    clusters.write_text('{"clusters": [{"id": 7, "members": %s}, {"id": 3, "members": %s}]}' % (
+        str(ids[0::2]).replace("'", '"'), str(ids[1::2][:-1]).replace("'", '"')))
+    groups = ev.photograph_groups(clusters, ids)
+    assert len(set(groups.tolist())) == 3 and groups[11] not in (3, 7)  # the last image is in no cluster: its own
+    by_image = ev.bootstrap_intervals(y, p, 0.5, resamples=400, seed=1)["accuracy"]
+    by_photograph = ev.bootstrap_intervals(y, p, 0.5, resamples=400, seed=1, groups=groups)["accuracy"]
+    # three photographs: a resample's accuracy is the share of the right one's copies, often 0 or 1
+    assert by_photograph[0] < 0.1 and by_photograph[1] > 0.9
+    assert 0.15 < by_image[0] < 0.5 < by_image[1] < 0.85
+
+
 def test_binary_metrics_on_a_hand_counted_case() -> None:
     y = np.array([1, 1, 1, 0, 0, 0, 0, 1])
     p = np.array([0.9, 0.8, 0.4, 0.3, 0.6, 0.1, 0.2, 0.7])

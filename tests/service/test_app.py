@@ -169,6 +169,13 @@ def test_model_endpoint_returns_the_operating_point_and_calibration(tmp_path: Pa
     assert body["operating_point"]["threshold"] == 0.41  # what was measured
     assert body["operating_point"]["applies"] is False and "ANEMIA_THRESHOLD=0.2" in body["operating_point"]["note"]
 
+    quantized = settings.model_copy(update={"precision": "fp16"})
+    with TestClient(create_app(quantized)) as client:
+        wait_ready(client)
+        body = client.get("/v1/model").json()
+    assert body["precision"] == "fp16" and body["operating_point"]["applies"] is False
+    assert "FP16 engine" in body["operating_point"]["note"]
+
 
 def test_health_and_openapi(client: Any) -> None:
     assert client.get("/healthz").json() == {"status": "alive"}

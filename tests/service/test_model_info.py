@@ -49,6 +49,9 @@ def test_described_operating_point_applies_only_at_the_models_threshold(tmp_path
     assert overridden["known"] is True and overridden["applies"] is False
     assert "ANEMIA_THRESHOLD=0.3" in overridden["note"] and "do not apply" in overridden["note"]
     assert overridden["sensitivity"] == served["sensitivity"]  # still shown, flagged as not applying
+    quantized = describe_operating_point(info, 0.41, "int8")
+    assert quantized["applies"] is False and "INT8 engine" in quantized["note"] and "FP32" in quantized["note"]
+    assert describe_operating_point(info, 0.41, "fp32")["applies"] is True
     calibration = describe_calibration(info)
     assert calibration["known"] is True and calibration["folded_into"] == "final Gemm"
 
