@@ -141,8 +141,10 @@ class EdgeProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._parsing_head = False  # between the first byte of a request and its last header
         self._body_pending = False  # head parsed, body not complete yet
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes fed since the request began (whole chunks)
         self._header_count = 0
+        self._parsed_head_bytes = 0  # request target + headers as parsed
+        self._head_over_cap = False
         self._timer: Optional[asyncio.TimerHandle] = None
         self._counted_client: Optional[str] = None
         self._counted = False
@@ -225,7 +227,7 @@ class EdgeProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
-            if self._header_count > self.limits.max_header_count:
+            if self._head_over_cap:
                 self._too_large()
                 return False
             raise
@@ -256,14 +258,26 @@ class EdgeProtocol(HttpToolsProtocol):
         self._parsing_head = True
         self._head_bytes = 0
         self._header_count = 0
+        self._parsed_head_bytes = 0
         self._arm(self.limits.header_timeout_s, self._head_expired)
         super().on_message_begin()
 
+    def on_url(self, url: bytes) -> None:
+        self._parsed_head_bytes += len(url)
+        self._check_head()
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Exact sizes, for a head that arrived whole in one chunk (the chunk count cannot see it).
         self._header_count += 1
-        if self._header_count > self.limits.max_header_count:
-            raise _TooManyHeaders()
+        self._parsed_head_bytes += len(name) + len(value) + 4
+        self._check_head()
         super().on_header(name, value)
+
+    def _check_head(self) -> None:
+        if self._header_count > self.limits.max_header_count or self._parsed_head_bytes > self.limits.max_header_bytes:
+            self._head_over_cap = True
+            raise _TooManyHeaders()
 
     def on_headers_complete(self) -> None:
         self._parsing_head = False
