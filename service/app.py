@@ -48,7 +48,7 @@ from service.preprocess import (
     parse_roi_json,
     preprocess_decoded,
 )
-from service.upload import BodyLimits, read_predict_upload
+from service.upload import BodyBudget, BodyLimits, read_predict_upload
 from service.schemas import ErrorBody, LatencyMs, ModelDescription, ModelRef, Prediction, RoiInfo, Status
 from service.startup import BackendFactory, ResolvedEngine, backend_factory, resolve_engine
 
@@ -85,6 +85,7 @@ class ServiceState:
             max_polygon_points=settings.max_polygon_points,
         )
         self.body_limits = BodyLimits.from_settings(settings)
+        self.body_budget = BodyBudget.from_settings(settings)
         self.registry = registry or CollectorRegistry()
         self.metrics = ServiceMetrics(self.registry)
         self.batcher = MicroBatcher(
@@ -240,18 +241,21 @@ async def predict(state: ServiceState, request: Request, request_id: str) -> Pre
     started = time.perf_counter()
     if not state.ready:
         raise NotReady("The server is shutting down." if state.shutting_down else "The model is warming up; retry shortly.")
-    # The body is read before admission: a slow client holds a socket, never an in-flight slot,
-    # so 503 ``overloaded`` still means the engine is saturated (docs/reliability.md).
-    data, roi_text = await read_predict_upload(request.receive, request.headers, state.body_limits)
-    if not state.ready:
-        raise NotReady("The server is shutting down.")
-    with state.admitted() as handed_over:
-        prepared, decode_seconds, preprocess_seconds = await state.run_blocking(
-            prepare_request, data, roi_text, state.model.spec, state.limits
-        )
-        del data
-        handed_over()
-        result = await state.batcher.submit(prepared.tensor)
+    # The body is read before admission: a slow client holds a socket (and its share of the body
+    # budget), never an in-flight slot, so 503 ``overloaded`` still means the engine is saturated.
+    client = request.client.host if request.client is not None else None
+    with state.body_budget.hold(client) as body_hold:
+        data, roi_text = await read_predict_upload(request.receive, request.headers, state.body_limits, body_hold)
+        if not state.ready:
+            raise NotReady("The server is shutting down.")
+        with state.admitted() as handed_over:
+            prepared, decode_seconds, preprocess_seconds = await state.run_blocking(
+                prepare_request, data, roi_text, state.model.spec, state.limits
+            )
+            del data
+            body_hold.release()  # the picture is a tensor now
+            handed_over()
+            result = await state.batcher.submit(prepared.tensor)
     stages = state.metrics.stage_duration
     stages.labels(stage="decode").observe(decode_seconds)
     stages.labels(stage="preprocess").observe(preprocess_seconds)

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     body_grace_s: float = Field(default=5.0, ge=0.0)
     min_body_rate_bytes_per_s: int = Field(default=16 * 1024, gt=0)
     body_timeout_s: float = Field(default=120.0, gt=0.0)
+    # Bodies being read are held in memory: a budget in all and per client address (declared
+    # Content-Length counts from the first byte), 503 ``too_many_uploads`` beyond it; 0 is off.
+    max_body_bytes_in_flight: int = Field(default=64 * MIB, ge=0)
+    max_body_bytes_in_flight_per_client: int = Field(default=32 * MIB, ge=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0.0)
     cors_origins: Annotated[List[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -102,3 +102,13 @@ class ShuttingDown(NotReady):
     def __init__(self, message: str = "The server is shutting down; retry shortly.") -> None:
         super().__init__(message)
         self.headers["Connection"] = "close"
+
+
+class TooManyUploads(ServiceError):
+    """The memory budget for bodies being read is spent (service/upload.py); not the engine."""
+
+    code = "too_many_uploads"
+    http_status = 503
+
+    def __init__(self, message: str = "Too many uploads in progress; retry shortly.") -> None:
+        super().__init__(message, headers={"Retry-After": "2", "Connection": "close"})

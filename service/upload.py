@@ -19,7 +19,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.config import Settings
-from service.errors import ClientGone, InvalidRequest, PayloadTooLarge, RequestTimeout
+from service.errors import ClientGone, InvalidRequest, PayloadTooLarge, RequestTimeout, TooManyUploads
 
 MIB = 1024 * 1024
 #: a text field (no filename) larger than this is refused, as Starlette's parser did
@@ -51,6 +51,72 @@ class BodyLimits:
         return min(started + self.grace_s + received / self.min_rate_bytes_per_s, started + self.timeout_s)
 
 
+class BodyBudget:
+    """Bytes of request bodies held in memory, in all and per client address.
+
+    A body counts from its first byte (its declared Content-Length at once) until the route lets
+    it go after decoding; past either budget the request gets 503 ``too_many_uploads``. Without
+    it, 40 sockets uploading 2 MiB each at 256 KiB/s grew the server by 125 MB (measured,
+    docs/reliability.md).
+    """
+
+    def __init__(self, total_bytes: int, per_client_bytes: int) -> None:
+        self.total_bytes = total_bytes
+        self.per_client_bytes = per_client_bytes
+        self.in_flight_bytes = 0
+        self.per_client: Dict[str, int] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "BodyBudget":
+        return cls(settings.max_body_bytes_in_flight, settings.max_body_bytes_in_flight_per_client)
+
+    def hold(self, client: Optional[str]) -> "BodyHold":
+        return BodyHold(self, client)
+
+
+class BodyHold:
+    """One request's share of a :class:`BodyBudget`; a context manager that always gives it back."""
+
+    def __init__(self, budget: BodyBudget, client: Optional[str]) -> None:
+        self.budget = budget
+        self.client = client
+        self.bytes = 0
+
+    def grow(self, total: int) -> None:
+        extra = total - self.bytes
+        if extra <= 0:
+            return
+        budget = self.budget
+        if budget.total_bytes and budget.in_flight_bytes + extra > budget.total_bytes:
+            raise TooManyUploads()
+        mine = budget.per_client.get(self.client, 0) if self.client is not None else 0
+        if budget.per_client_bytes and self.client is not None and mine + extra > budget.per_client_bytes:
+            raise TooManyUploads("Too many uploads in progress from this address; retry shortly.")
+        budget.in_flight_bytes += extra
+        if self.client is not None:
+            budget.per_client[self.client] = mine + extra
+        self.bytes = total
+
+    def release(self) -> None:
+        if not self.bytes:
+            return
+        budget = self.budget
+        budget.in_flight_bytes -= self.bytes
+        if self.client is not None:
+            left = budget.per_client.get(self.client, 0) - self.bytes
+            if left > 0:
+                budget.per_client[self.client] = left
+            else:
+                budget.per_client.pop(self.client, None)
+        self.bytes = 0
+
+    def __enter__(self) -> "BodyHold":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+
 def declared_length(headers: Any) -> Optional[int]:
     value = headers.get("content-length")
     if value is None:
@@ -64,10 +130,13 @@ def declared_length(headers: Any) -> Optional[int]:
     return length
 
 
-async def read_body(receive: Receive, limits: BodyLimits, declared: Optional[int] = None) -> bytes:
-    """The whole body, in memory; 413 past ``max_bytes``, 408 when it arrives too slowly."""
+async def read_body(receive: Receive, limits: BodyLimits, declared: Optional[int] = None, hold: Optional[BodyHold] = None) -> bytes:
+    """The whole body, in memory; 413 past ``max_bytes``, 408 when it arrives too slowly, 503
+    when ``hold``'s budget cannot take it."""
     if declared is not None and declared > limits.max_bytes:
         raise PayloadTooLarge("the request body is {} bytes; at most {} are accepted".format(declared, limits.max_bytes))
+    if hold is not None and declared:
+        hold.grow(declared)
     started = time.monotonic()
     body = bytearray()
     while True:
@@ -83,6 +152,8 @@ async def read_body(receive: Receive, limits: BodyLimits, declared: Optional[int
         body += message.get("body", b"")
         if len(body) > limits.max_bytes:
             raise PayloadTooLarge("the request body exceeds {} bytes".format(limits.max_bytes))
+        if hold is not None:
+            hold.grow(len(body))
         if not message.get("more_body", False):
             return bytes(body)
 
@@ -192,7 +263,9 @@ def predict_fields(parts: List[Part]) -> Tuple[bytes, Optional[str]]:
     return bytes(images[0].data), roi_text
 
 
-async def read_predict_upload(receive: Receive, headers: Any, limits: BodyLimits) -> Tuple[bytes, Optional[str]]:
+async def read_predict_upload(
+    receive: Receive, headers: Any, limits: BodyLimits, hold: Optional[BodyHold] = None
+) -> Tuple[bytes, Optional[str]]:
     """The picture and optional ROI of ``POST /v1/predict``: multipart/form-data, read in memory."""
     declared = declared_length(headers)
     if declared is not None and declared > limits.max_bytes:
@@ -203,7 +276,7 @@ async def read_predict_upload(receive: Receive, headers: Any, limits: BodyLimits
     boundary = options.get("boundary")
     if not boundary:
         raise InvalidRequest("the multipart/form-data content type has no boundary")
-    body = await read_body(receive, limits, declared)
+    body = await read_body(receive, limits, declared, hold)
     parts = parse_multipart(body, boundary)
     del body
     return predict_fields(parts)

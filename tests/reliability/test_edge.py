@@ -356,3 +356,29 @@ def test_requests_cut_by_the_drain_timeout_get_the_json_503(spawn: Callable[...,
     body = json.loads(str(result["body"]))
     assert body["request_id"] == "cut-1" and body["error"]["code"] == "not_ready"
     server.wait_exit(30)
+
+
+def test_the_body_budget_refuses_uploads_past_it_per_address(spawn: Callable[..., ServerProcess]) -> None:
+    # 4 MiB per address: two declared 3 MiB bodies from one address cannot both be held.
+    server = spawn(ANEMIA_MAX_BODY_BYTES_IN_FLIGHT_PER_CLIENT=str(4 * MIB), **FAST_EDGE)
+    head = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: box\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 3145728\r\n\r\n"
+    )
+    first = connect(server)
+    first.sendall(head + b"\0" * 4096)
+    time.sleep(0.2)
+    second = connect(server)
+    second.sendall(head)
+    answer = read_until_closed(second, 3.0)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:100]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_uploads"
+    # Another address is not affected, and the first upload's share comes back when it ends.
+    predict_ok(server, valid_png())
+    first.close()
+    second.close()
+    time.sleep(1.5)
+    third = connect(server)
+    third.sendall(head)
+    assert not is_closed(third, 0.3)
+    third.close()
