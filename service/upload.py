@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -130,7 +130,7 @@ def declared_length(headers: Any) -> Optional[int]:
     return length
 
 
-async def read_body(receive: Receive, limits: BodyLimits, declared: Optional[int] = None, hold: Optional[BodyHold] = None) -> bytes:
+async def read_body(receive: Receive, limits: BodyLimits, declared: Optional[int] = None, hold: Optional[BodyHold] = None) -> bytearray:
     """The whole body, in memory; 413 past ``max_bytes``, 408 when it arrives too slowly, 503
     when ``hold``'s budget cannot take it."""
     if declared is not None and declared > limits.max_bytes:
@@ -155,7 +155,7 @@ async def read_body(receive: Receive, limits: BodyLimits, declared: Optional[int
         if hold is not None:
             hold.grow(len(body))
         if not message.get("more_body", False):
-            return bytes(body)
+            return body  # no copy: a body is held once, then sliced once (parse_multipart)
 
 
 def _too_slow(received: int, elapsed_s: float) -> RequestTimeout:
@@ -164,10 +164,22 @@ def _too_slow(received: int, elapsed_s: float) -> RequestTimeout:
 
 @dataclass
 class Part:
+    """One form part: where its bytes lie in the body (no copy until :meth:`content`)."""
+
     name: str
     filename: Optional[str]
     content_type: Optional[str]
-    data: bytearray = field(default_factory=bytearray)
+    # (start, end) in the body, or bytes the parser handed from its own buffer (a boundary
+    # look-alike it held back), in order
+    pieces: List[Union[Tuple[int, int], bytes]] = field(default_factory=list)
+    size: int = 0
+
+    def content(self, body: Union[bytes, bytearray]) -> bytes:
+        view = memoryview(body)
+        chunks = [piece if isinstance(piece, bytes) else view[piece[0] : piece[1]] for piece in self.pieces]
+        if len(chunks) == 1:
+            return bytes(chunks[0])
+        return b"".join(chunks)
 
 
 def media_type(content_type: str) -> Tuple[str, Dict[str, str]]:
@@ -176,13 +188,16 @@ def media_type(content_type: str) -> Tuple[str, Dict[str, str]]:
     return value.decode("latin-1").lower(), {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in options.items()}
 
 
-def parse_multipart(body: bytes, boundary: str) -> List[Part]:
-    """Every part of a ``multipart/form-data`` body, parsed from memory (nothing touches disk)."""
+def parse_multipart(body: Union[bytes, bytearray], boundary: str) -> List[Part]:
+    """Every part of a ``multipart/form-data`` body, parsed from memory (nothing touches disk).
+
+    The body is written to the parser in one call, so the offsets its callbacks get are offsets
+    into ``body``: parts are recorded as spans, and copied out once by :meth:`Part.content`."""
     parts: List[Part] = []
     header_field = bytearray()
     header_value = bytearray()
     headers: Dict[bytes, bytes] = {}
-    state = {"ended": False}
+    state: Dict[str, Any] = {"ended": False}
 
     def on_part_begin() -> None:
         headers.clear()
@@ -218,8 +233,9 @@ def parse_multipart(body: bytes, boundary: str) -> List[Part]:
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         part = parts[-1]
-        part.data.extend(data[start:end])
-        if part.filename is None and len(part.data) > MAX_TEXT_FIELD_BYTES:
+        part.pieces.append((start, end) if data is body else bytes(data[start:end]))
+        part.size += end - start
+        if part.filename is None and part.size > MAX_TEXT_FIELD_BYTES:
             raise InvalidRequest("the text field '{}' exceeds {} KB".format(part.name, MAX_TEXT_FIELD_BYTES // 1024))
 
     def on_end() -> None:
@@ -247,7 +263,7 @@ def parse_multipart(body: bytes, boundary: str) -> List[Part]:
     return parts
 
 
-def predict_fields(parts: List[Part]) -> Tuple[bytes, Optional[str]]:
+def predict_fields(parts: List[Part], body: Union[bytes, bytearray]) -> Tuple[bytes, Optional[str]]:
     """The ``image`` file and optional ``roi`` text, with the checks the API documents."""
     images = [part for part in parts if part.name == "image"]
     if not images:
@@ -259,8 +275,8 @@ def predict_fields(parts: List[Part]) -> Tuple[bytes, Optional[str]]:
     rois = [part for part in parts if part.name == "roi"]
     if len(rois) > 1:
         raise InvalidRequest("send at most one 'roi' field, got {}".format(len(rois)))
-    roi_text = bytes(rois[0].data).decode("utf-8", errors="replace") if rois else None
-    return bytes(images[0].data), roi_text
+    roi_text = rois[0].content(body).decode("utf-8", errors="replace") if rois else None
+    return images[0].content(body), roi_text
 
 
 async def read_predict_upload(
@@ -277,6 +293,4 @@ async def read_predict_upload(
     if not boundary:
         raise InvalidRequest("the multipart/form-data content type has no boundary")
     body = await read_body(receive, limits, declared, hold)
-    parts = parse_multipart(body, boundary)
-    del body
-    return predict_fields(parts)
+    return predict_fields(parse_multipart(body, boundary), body)

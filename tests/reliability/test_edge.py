@@ -270,12 +270,22 @@ def test_metrics_needs_its_own_token_when_a_key_is_set(spawn: Callable[..., Serv
     assert httpx.get(server.url + "/metrics", headers={"X-API-Key": "the-api-key"}).status_code == 401
     good = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer the-metrics-token"})
     assert good.status_code == 200 and "anemia_predictions_total" in good.text
+    # A 401 sent before the body is all in says it closes the connection (and does).
+    sock = connect(server)
+    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: box\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n--b\r\n")
+    answer = read_until_closed(sock, 3.0)
+    sock.close()
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 401") and b"\r\nconnection: close" in head, head
 
 
 def test_generated_credentials_serve_https_with_a_key(base_env: Dict[str, str], tmp_path: Path) -> None:
     credentials = tmp_path / "credentials"
     scrape = tmp_path / "scrape"
-    env = dict(base_env, ANEMIA_CREDENTIALS_DIR=str(credentials), ANEMIA_SCRAPE_DIR=str(scrape), ANEMIA_TLS_HANDSHAKE_TIMEOUT_S="1")
+    env = dict(
+        base_env, ANEMIA_CREDENTIALS_DIR=str(credentials), ANEMIA_SCRAPE_DIR=str(scrape), ANEMIA_TLS_HANDSHAKE_TIMEOUT_S="1",
+        ANEMIA_MAX_CONNECTIONS_PER_CLIENT="4",
+    )
     server = ServerProcess(env)
     server.url = server.url.replace("http://", "https://")
     server.start(wait_ready=False)
@@ -310,6 +320,21 @@ def test_generated_credentials_serve_https_with_a_key(base_env: Dict[str, str], 
         silent = connect(server)
         assert is_closed(silent, 3.0)
         silent.close()
+        # TLS sockets count once each against the per-address cap (4), from accept, and are given back.
+        def tls_socket() -> ssl.SSLSocket:
+            wrapped = verify.wrap_socket(connect(server), server_hostname="127.0.0.1")
+            wrapped.sendall(b"GET /healthz HTTP/1.1\r\nHost: box\r\n\r\n")
+            assert wrapped.recv(65536).startswith(b"HTTP/1.1 200")
+            return wrapped
+
+        for _round in range(2):
+            held = [tls_socket() for _ in range(4)]
+            fifth = connect(server)
+            assert is_closed(fifth, 1.0), "a fifth socket from one address was accepted"
+            fifth.close()
+            for sock in held:
+                sock.close()
+            time.sleep(0.3)
         records = server.log_records()
         (shown,) = [r for r in records if "api_key" in r]
         assert shown["api_key"] == key
