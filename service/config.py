@@ -95,6 +95,14 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
+    @field_validator("credentials_dir", "scrape_dir", "tls_certfile", "tls_keyfile", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        # ANEMIA_CREDENTIALS_DIR= (empty, as compose writes an unset default) is "off", never "."
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("api_key", "metrics_token", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:

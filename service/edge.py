@@ -128,7 +128,7 @@ HEAD_TIMEOUT = _json_answer(408, "Request Timeout", "request_timeout", "The requ
 HEAD_TOO_LARGE = _json_answer(431, "Request Header Fields Too Large", "headers_too_large", "The request head is too large or has too many headers.")
 
 
-class _TooManyHeaders(Exception):
+class _HeadTooLarge(Exception):
     pass
 
 
@@ -278,7 +278,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def _check_head(self) -> None:
         if self._header_count > self.limits.max_header_count or self._parsed_head_bytes > self.limits.max_header_bytes:
             self._head_over_cap = True
-            raise _TooManyHeaders()
+            raise _HeadTooLarge()
 
     def on_headers_complete(self) -> None:
         self._parsing_head = False
