@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_body_bytes_in_flight: int = Field(default=64 * MIB, ge=0)
     max_body_bytes_in_flight_per_client: int = Field(default=32 * MIB, ge=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0.0)
+    # glibc: allocations from this size are mmapped and go back to the OS when freed (bodies are
+    # held in memory); 0 leaves glibc's dynamic threshold (service/edge.py, docs/reliability.md)
+    malloc_mmap_threshold_bytes: int = Field(default=64 * 1024, ge=0)
     cors_origins: Annotated[List[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tegrastats: bool = False

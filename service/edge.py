@@ -398,7 +398,8 @@ def run_server(app: Any, settings: Settings, host: str, port: int) -> None:
     """Serve ``app`` with one uvicorn worker behind the edge limits (TLS when a certificate is set)."""
     import uvicorn
 
-    return_large_buffers_to_the_os()
+    if settings.malloc_mmap_threshold_bytes:
+        return_large_buffers_to_the_os(settings.malloc_mmap_threshold_bytes)
 
     limits = EdgeLimits.from_settings(settings)
     http: Any = protocol_class(limits)
