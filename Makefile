@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The CPU build of torch; asking pip for a bare "torch" would pull the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-HOST ?= 0.0.0.0
+# Loopback by default: plain HTTP never leaves the machine unless asked (README, "Quick start").
+HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=

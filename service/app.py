@@ -20,7 +20,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +34,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
     ServiceError,
+    ShuttingDown,
     Unauthorized,
 )
 from service.logging_setup import request_id_var
@@ -48,6 +48,7 @@ from service.preprocess import (
     parse_roi_json,
     preprocess_decoded,
 )
+from service.upload import BodyBudget, BodyLimits, read_predict_upload
 from service.schemas import ErrorBody, LatencyMs, ModelDescription, ModelRef, Prediction, RoiInfo, Status
 from service.startup import BackendFactory, ResolvedEngine, backend_factory, resolve_engine
 
@@ -83,6 +84,8 @@ class ServiceState:
             min_roi_pixels=settings.min_roi_pixels,
             max_polygon_points=settings.max_polygon_points,
         )
+        self.body_limits = BodyLimits.from_settings(settings)
+        self.body_budget = BodyBudget.from_settings(settings)
         self.registry = registry or CollectorRegistry()
         self.metrics = ServiceMetrics(self.registry)
         self.batcher = MicroBatcher(
@@ -199,52 +202,18 @@ def check_api_key(settings: Settings, headers: Any) -> None:
         raise Unauthorized("a valid API key is required in the X-API-Key header")
 
 
-def content_length(headers: Any) -> Optional[int]:
-    value = headers.get("content-length")
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidRequest("Content-Length is not a number") from None
-
-
-async def read_predict_form(request: Request, max_upload_bytes: int) -> Tuple[bytes, Optional[str]]:
-    """The ``image`` file and optional ``roi`` text from the multipart body."""
-    declared = content_length(request.headers)
-    if declared is not None and declared > max_upload_bytes:
-        raise PayloadTooLarge("the request body is {} bytes; at most {} are accepted".format(declared, max_upload_bytes))
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise InvalidRequest("send multipart/form-data with a file field named 'image'")
-    try:
-        form = await request.form(max_files=2, max_fields=8)
-    except ServiceError:
-        raise
-    except Exception as exc:  # starlette/python-multipart parse errors
-        raise InvalidRequest("the multipart body could not be parsed: {}".format(exc)) from None
-    try:
-        images = form.getlist("image")
-        if not images:
-            raise InvalidRequest("the form has no 'image' file field")
-        if len(images) > 1:
-            raise InvalidRequest("send exactly one 'image' field, got {}".format(len(images)))
-        image = images[0]
-        if not isinstance(image, UploadFile):
-            raise InvalidRequest("'image' must be a file upload, not a text field")
-        rois = form.getlist("roi")
-        if len(rois) > 1:
-            raise InvalidRequest("send at most one 'roi' field, got {}".format(len(rois)))
-        roi_text: Optional[str] = None
-        if rois:
-            if isinstance(rois[0], UploadFile):
-                roi_text = (await rois[0].read()).decode("utf-8", errors="replace")
-            else:
-                roi_text = str(rois[0])
-        data = await image.read()
-    finally:
-        await form.close()
-    return data, roi_text
+def check_metrics_token(settings: Settings, headers: Any) -> None:
+    """/metrics is open on a box without a key; with a key it needs its own bearer token, so the
+    key's holders (tablets) and the scraper's are apart and the results' counters are not public."""
+    if settings.metrics_token is None:
+        if settings.api_key is None:
+            return
+        raise Unauthorized("/metrics needs the metrics token (ANEMIA_METRICS_TOKEN) when an API key is set")
+    authorization = headers.get("authorization", "")
+    supplied = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
+    expected = settings.metrics_token.get_secret_value().encode()
+    if supplied is None or not hmac.compare_digest(supplied.encode(), expected):
+        raise Unauthorized("a valid metrics token is required in the Authorization: Bearer header")
 
 
 def _ms(seconds: float) -> float:
@@ -272,14 +241,21 @@ async def predict(state: ServiceState, request: Request, request_id: str) -> Pre
     started = time.perf_counter()
     if not state.ready:
         raise NotReady("The server is shutting down." if state.shutting_down else "The model is warming up; retry shortly.")
-    with state.admitted() as handed_over:
-        data, roi_text = await read_predict_form(request, state.settings.max_upload_bytes)
-        prepared, decode_seconds, preprocess_seconds = await state.run_blocking(
-            prepare_request, data, roi_text, state.model.spec, state.limits
-        )
-        del data
-        handed_over()
-        result = await state.batcher.submit(prepared.tensor)
+    # The body is read before admission: a slow client holds a socket (and its share of the body
+    # budget), never an in-flight slot, so 503 ``overloaded`` still means the engine is saturated.
+    client = request.client.host if request.client is not None else None
+    with state.body_budget.hold(client) as body_hold:
+        data, roi_text = await read_predict_upload(request.receive, request.headers, state.body_limits, body_hold)
+        if not state.ready:
+            raise NotReady("The server is shutting down.")
+        with state.admitted() as handed_over:
+            prepared, decode_seconds, preprocess_seconds = await state.run_blocking(
+                prepare_request, data, roi_text, state.model.spec, state.limits
+            )
+            del data
+            body_hold.release()  # the picture is a tensor now
+            handed_over()
+            result = await state.batcher.submit(prepared.tensor)
     stages = state.metrics.stage_duration
     stages.labels(stage="decode").observe(decode_seconds)
     stages.labels(stage="preprocess").observe(preprocess_seconds)
@@ -390,6 +366,7 @@ class RequestContextMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                status_holder["started"] = 1
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
                 # nosniff: a browser never reads an error's JSON (which may quote client input) as HTML.
@@ -401,6 +378,14 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, limited_receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when the drain timeout ends: answer the JSON
+            # 503 with the request id (not uvicorn's plain-text 500), then let the task end.
+            if status_holder.get("started"):
+                raise
+            logger.warning("request cut by the shutdown timeout")
+            answer = error_response(self.state, ShuttingDown(), request_id)
+            await answer(scope, limited_receive, send_with_id)
         finally:
             request_id_var.reset(token)
             endpoint = _endpoint_label(path)
@@ -540,7 +525,8 @@ def create_app(settings: Settings, factory: Optional[BackendFactory] = None, sta
         return error_response(None, NotReady("not ready: {}".format(detail)), request_id_of(request))
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics_route() -> Response:
+    async def metrics_route(request: Request) -> Response:
+        check_metrics_token(settings, request.headers)
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     if (STATIC_DIR / "index.html").is_file():

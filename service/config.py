@@ -53,6 +53,40 @@ class Settings(BaseSettings):
     intra_op_spinning: bool = True
 
     api_key: Optional[SecretStr] = None
+    # With a key set, /metrics answers only this bearer token (Prometheus' credentials_file), so
+    # anyone on the Wi-Fi cannot watch anemia_predictions_total{label} move with each screening.
+    metrics_token: Optional[SecretStr] = None
+    # Deployments: a directory where `python -m service init` (and the server at start) keeps a
+    # generated API key, metrics token and self-signed TLS certificate (service/credentials.py).
+    credentials_dir: Optional[Path] = None
+    # A copy of the certificate and the metrics token for the scraper (compose shares it with Prometheus).
+    scrape_dir: Optional[Path] = None
+    tls_certfile: Optional[Path] = None
+    tls_keyfile: Optional[Path] = None
+
+    # The HTTP edge (service/edge.py, service/upload.py): every socket and request has a deadline
+    # and a size, measured against the attacks in docs/reliability.md.
+    idle_timeout_s: float = Field(default=5.0, gt=0.0)  # no byte while waiting for a request
+    header_timeout_s: float = Field(default=10.0, gt=0.0)  # first byte to end of the request head
+    tls_handshake_timeout_s: float = Field(default=10.0, gt=0.0)
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)  # request line + headers
+    max_header_count: int = Field(default=100, ge=8)
+    # 0: derived from the descriptor limit (RLIMIT_NOFILE minus a reserve), see edge.connection_cap
+    max_connections: int = Field(default=0, ge=0)
+    # One address cannot take every slot; 0 turns the per-address cap off (e.g. behind a proxy).
+    max_connections_per_client: int = Field(default=64, ge=0)
+    # A body must arrive at this mean rate after a grace period, and within body_timeout_s in all.
+    body_grace_s: float = Field(default=5.0, ge=0.0)
+    min_body_rate_bytes_per_s: int = Field(default=16 * 1024, gt=0)
+    body_timeout_s: float = Field(default=120.0, gt=0.0)
+    # Bodies being read are held in memory: a budget in all and per client address (declared
+    # Content-Length counts from the first byte), 503 ``too_many_uploads`` beyond it; 0 is off.
+    max_body_bytes_in_flight: int = Field(default=64 * MIB, ge=0)
+    max_body_bytes_in_flight_per_client: int = Field(default=32 * MIB, ge=0)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0.0)
+    # glibc: allocations from this size are mmapped and go back to the OS when freed (bodies are
+    # held in memory); 0 leaves glibc's dynamic threshold (service/edge.py, docs/reliability.md)
+    malloc_mmap_threshold_bytes: int = Field(default=64 * 1024, ge=0)
     cors_origins: Annotated[List[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tegrastats: bool = False
@@ -64,7 +98,15 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("credentials_dir", "scrape_dir", "tls_certfile", "tls_keyfile", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        # ANEMIA_CREDENTIALS_DIR= (empty, as compose writes an unset default) is "off", never "."
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("api_key", "metrics_token", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():

@@ -77,3 +77,38 @@ class EngineError(ServiceError):
 
     code = "engine_error"
     http_status = 500
+
+
+class RequestTimeout(ServiceError):
+    """The body arrived too slowly (service/upload.py); the connection is closed after the answer."""
+
+    code = "request_timeout"
+    http_status = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
+class ClientGone(ServiceError):
+    """The client closed its connection mid-body; nobody reads the answer."""
+
+    code = "client_closed"
+    http_status = 400
+
+
+class ShuttingDown(NotReady):
+    """A request still running when the drain timeout ended it."""
+
+    def __init__(self, message: str = "The server is shutting down; retry shortly.") -> None:
+        super().__init__(message)
+        self.headers["Connection"] = "close"
+
+
+class TooManyUploads(ServiceError):
+    """The memory budget for bodies being read is spent (service/upload.py); not the engine."""
+
+    code = "too_many_uploads"
+    http_status = 503
+
+    def __init__(self, message: str = "Too many uploads in progress; retry shortly.") -> None:
+        super().__init__(message, headers={"Retry-After": "2", "Connection": "close"})

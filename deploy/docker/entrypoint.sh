@@ -8,6 +8,8 @@
 #
 #   (no arguments) | serve   prepare, then exec the server (python -m service)
 #   prepare                  build the engine only, then exit
+#   init                     make the API key, metrics token and TLS certificate in
+#                            ANEMIA_CREDENTIALS_DIR if missing (the server also does it at start)
 #   anything else            exec it (e.g. `sh`, `python build_engines.py --precision all`)
 set -eu
 
@@ -34,6 +36,9 @@ case "$command" in
     prepare)
         ensure_engine_dir
         exec python -m service prepare
+        ;;
+    init)
+        exec python -m service init
         ;;
     *)
         exec "$@"

@@ -650,7 +650,17 @@
     overloaded: ["The service is busy with other checks right now.",
       "Wait a few seconds, then press Check again. Your photo and outline are kept."],
     inference_failed: ["The model could not process this photo.",
-      "Press Check again. If it fails again, tell your technical contact and give them the request number below."]
+      "Press Check again. If it fails again, tell your technical contact and give them the request number below."],
+    request_timeout: ["The photo took too long to reach the server; the network is slow right now.",
+      "Move closer to the Wi-Fi, or take the photo at a lower camera resolution, then press Check again."],
+    too_many_uploads: ["The server is receiving too many photos at once.",
+      "Wait a few seconds, then press Check again. Your photo and outline are kept."],
+    too_many_connections: ["The server has too many open connections right now.",
+      "Wait a few seconds, then press Check again. If it keeps happening, tell your technical contact."],
+    headers_too_large: ["The request was too large for the server to read.",
+      "Reload the page and try again. If it keeps happening, tell your technical contact."],
+    client_closed: ["The connection to the server was lost while sending the photo.",
+      "Check the Wi-Fi, then press Check again."]
   };
 
   $("submit").addEventListener("click", submit);

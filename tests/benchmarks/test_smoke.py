@@ -140,3 +140,20 @@ def test_ratios_and_goals() -> None:
     assert goals["throughput_c16"]["plain"]["met"] is True
     assert goals["throughput_c16"]["bentoml"]["met"] is False  # behind BentoML
     assert goals["no_errors_below_capacity"]["met"] is True
+
+
+def test_edge_attacks_smoke(model_path: Path, tmp_path: Path) -> None:
+    from tests.reliability.corpus import valid_png
+
+    image = tmp_path / "eye.png"
+    image.write_bytes(valid_png())
+    out = tmp_path / "edge.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.edge_attacks", "--model", str(model_path), "--image", str(image),
+         "--attacks", "slow-bodies,header-flood", "--requests", "2", "--settle-s", "1", "--out-json", str(out)],
+        cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["attack"] for row in rows] == ["slow-bodies", "header-flood"]
+    assert all(row["holds"] and row["predict_200"] == 2 for row in rows)

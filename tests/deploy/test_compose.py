@@ -44,7 +44,28 @@ def test_services_and_images(compose: Dict[str, Any]) -> None:
 
 def test_ports(compose: Dict[str, Any]) -> None:
     ports = {name: [with_defaults(p, {}) for p in service["ports"]] for name, service in compose["services"].items()}
-    assert ports == {"anemia": ["8000:8000"], "prometheus": ["9090:9090"], "grafana": ["3000:3000"]}
+    # Prometheus only on the box's loopback: its API is not for the clinic Wi-Fi.
+    assert ports == {"anemia": ["8000:8000"], "prometheus": ["127.0.0.1:9090:9090"], "grafana": ["3000:3000"]}
+
+
+def test_https_and_a_key_by_default(compose: Dict[str, Any]) -> None:
+    anemia = compose["services"]["anemia"]
+    env = anemia["environment"]
+    mounts = {with_defaults(v, {}).split(":")[1]: with_defaults(v, {}).split(":")[0] for v in anemia["volumes"]}
+    assert mounts[env["ANEMIA_CREDENTIALS_DIR"]] in compose["volumes"]  # a named volume: kept across upgrades
+    assert mounts[env["ANEMIA_SCRAPE_DIR"]] in compose["volumes"]
+    assert with_defaults(env["ANEMIA_API_KEY"], {}) == ""  # empty: the generated key
+    assert anemia["ulimits"]["nofile"]["soft"] >= 4096
+    prometheus = compose["services"]["prometheus"]
+    assert not any("lifecycle" in flag for flag in prometheus["command"])
+    scrape_mount = [v for v in prometheus["volumes"] if v.startswith(mounts[env["ANEMIA_SCRAPE_DIR"]] + ":")]
+    assert scrape_mount and scrape_mount[0].endswith(":ro")
+    in_prometheus = scrape_mount[0].split(":")[1]
+    job = yaml.safe_load((DEPLOY_DIR / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert job["scheme"] == "https"
+    assert job["authorization"]["credentials_file"] == in_prometheus + "/metrics-token"
+    assert job["tls_config"]["ca_file"] == in_prometheus + "/tls-cert.pem"
+    assert "insecure_skip_verify" not in job["tls_config"]
 
 
 def test_volumes_exist_and_are_declared(compose: Dict[str, Any]) -> None:

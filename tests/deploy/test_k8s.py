@@ -62,10 +62,15 @@ def test_daemonset_for_jetson_nodes() -> None:
     (container,) = spec["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # HTTPS by default: every probe speaks it, and the credentials persist on the node
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS", probe
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
     config = _by_kind("ConfigMap")["data"]
     assert volumes["engines"]["hostPath"]["path"] == mounts["engines"] == config["ANEMIA_ENGINE_DIR"]
+    assert volumes["credentials"]["hostPath"]["path"] == mounts["credentials"] == config["ANEMIA_CREDENTIALS_DIR"]
+    assert pod["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
     # the engine is built by an init container with the same image and settings before serving
     prepare = [c for c in spec["initContainers"] if c["name"] == "prepare"][0]
     assert prepare["args"] == ["prepare"] and prepare["image"] == container["image"]

@@ -40,8 +40,18 @@ def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProc
 
 
 @needs_promtool
-def test_promtool_check_config() -> None:
-    result = promtool("check", "config", "prometheus.yml")
+def test_promtool_check_config(tmp_path: Path) -> None:
+    # promtool opens the scrape credentials and CA: give it real ones where compose mounts them.
+    from service.credentials import ensure_credentials
+
+    scrape = tmp_path / "scrape"
+    ensure_credentials(tmp_path / "credentials", scrape, names=["anemia"])
+    config = (PROMETHEUS_DIR / "prometheus.yml").read_text()
+    assert "/etc/prometheus/anemia/" in config
+    (tmp_path / "prometheus.yml").write_text(config.replace("/etc/prometheus/anemia/", str(scrape) + "/"))
+    for name in ("rules", "fleet"):
+        (tmp_path / name).symlink_to(PROMETHEUS_DIR / name)
+    result = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stdout + result.stderr
     # both rule files are loaded by the config

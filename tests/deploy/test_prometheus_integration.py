@@ -7,6 +7,7 @@ over the scraped buckets is compared with the quantile computed from the server'
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -207,3 +208,51 @@ def test_prometheus_returns_p95_of_the_running_service(server: str, prometheus: 
     stage_rows = query(prometheus, "stage_precision:anemia_stage_duration_seconds:p95_5m")
     assert {row[0]["stage"] for row in stage_rows if not math.isnan(row[1])} >= {"inference", "preprocess"}
     assert all(row[0]["precision"] == "fp32" for row in stage_rows)
+
+
+def test_the_shipped_scrape_job_reads_metrics_over_https_with_the_token(model_path: Path, engine_dir: Path, tmp_path: Path) -> None:
+    """deploy/prometheus/prometheus.yml's job (scheme, CA, bearer credentials file) against a
+    server with generated credentials, as compose runs them; without the token the target is down."""
+    assert PROMETHEUS is not None
+    port = free_port()
+    credentials, scrape = tmp_path / "credentials", tmp_path / "scrape"
+    env = dict(
+        os.environ, HOST="127.0.0.1", PORT=str(port), ANEMIA_MODEL=str(model_path), ANEMIA_ENGINE_DIR=str(engine_dir),
+        ANEMIA_BACKEND="onnxruntime", ANEMIA_TEGRASTATS="0", ANEMIA_INTRA_OP_THREADS="1", ANEMIA_LOG_LEVEL="warning",
+        ANEMIA_CREDENTIALS_DIR=str(credentials), ANEMIA_SCRAPE_DIR=str(scrape),
+    )
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=str(PROJECT_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+    prometheus_process = None
+    try:
+        url = "https://127.0.0.1:{}".format(port)
+        wait_for("the HTTPS server", lambda: httpx.get(url + "/readyz", verify=False, timeout=2).status_code == 200, 60, server, tmp_path / "server.log")
+        shipped = yaml.safe_load((PROJECT_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+        job = {key: shipped[key] for key in ("job_name", "metrics_path", "scheme", "tls_config", "authorization")}
+        job = json.loads(json.dumps(job).replace("/etc/prometheus/anemia/", str(scrape) + "/"))
+        job["static_configs"] = [{"targets": ["127.0.0.1:{}".format(port)]}]
+        no_token = dict(job, job_name="anemia-no-token")
+        del no_token["authorization"]
+        config_path = tmp_path / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump({"global": {"scrape_interval": SCRAPE_INTERVAL}, "scrape_configs": [job, no_token]}))
+        prometheus_port = free_port()
+        prometheus_log = open(tmp_path / "prometheus.log", "w")
+        prometheus_process = subprocess.Popen(
+            [PROMETHEUS, "--config.file={}".format(config_path), "--storage.tsdb.path={}".format(tmp_path / "tsdb"),
+             "--web.listen-address=127.0.0.1:{}".format(prometheus_port), "--log.level=warn"],
+            stdout=prometheus_log, stderr=subprocess.STDOUT,
+        )
+        prometheus_url = "http://127.0.0.1:{}".format(prometheus_port)
+        wait_for("Prometheus /-/ready", lambda: httpx.get(prometheus_url + "/-/ready", timeout=2).status_code == 200, 30, prometheus_process)
+
+        def scraped() -> bool:
+            rows = {row[0]["job"]: row[1] for row in query(prometheus_url, "up")}
+            return rows.get("anemia") == 1.0 and rows.get("anemia-no-token") == 0.0
+
+        wait_for("up == 1 with the token and 0 without", scraped, 15)
+        assert query(prometheus_url, 'anemia_ready{job="anemia"}')[0][1] == 1.0
+    finally:
+        if prometheus_process is not None:
+            stop(prometheus_process)
+        stop(server)
+        log.close()

@@ -43,3 +43,9 @@ def test_unit_runs_prepare_then_the_server() -> None:
     assert "User=anemia" in text and "ReadWritePaths=/var/lib/anemia" in text
     env = dict(line.split("=", 1) for line in ENV_FILE.read_text().splitlines() if line and not line.startswith("#"))
     assert env["ANEMIA_ENGINE_DIR"].startswith("/var/lib/anemia")
+    # HTTPS with a generated key by default, in a directory the unit may write
+    assert env["ANEMIA_CREDENTIALS_DIR"].startswith("/var/lib/anemia/")
+    assert "ANEMIA_API_KEY" not in env
+    # descriptors above the server's connection cap (service/edge.py derives it from this limit)
+    (limit,) = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("LimitNOFILE=")]
+    assert int(limit) >= 4096

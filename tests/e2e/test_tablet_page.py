@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -42,6 +43,7 @@ ARTIFACTS_DIR = PROJECT_ROOT / "test-artifacts" / "e2e"
 DOCS_IMAGES_DIR = PROJECT_ROOT / "docs" / "images"
 CP_ANEMIC_IMAGE = CP_ANEMIC_DIR / "Anemic" / "Image_001.png"
 API_KEY = "clinic-tablet-e2e-key"
+METRICS_TOKEN = "clinic-tablet-e2e-metrics"  # with a key set, /metrics wants its own token
 # The screen model's made-up operating point (tests/model_factory.py: sensitivity 0.90, specificity 0.48),
 # in the page's words: 1 - 0.48 = 0.52 of the others are flagged.
 SCREEN_ACCURACY = "This screen finds about 9 in 10 anemic children and wrongly flags about 5 in 10 others."
@@ -91,25 +93,33 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serve(settings: Settings, factory: Optional[BackendFactory] = None) -> Iterator[LiveServer]:
-    """Run the real app under uvicorn on a free loopback port until the block ends."""
+    """Run the real app under uvicorn on a free loopback port until the block ends; over HTTPS,
+    behind the service's own edge protocol, when ``settings`` name a certificate."""
     import uvicorn
 
     from service.app import create_app
+    from service.edge import EdgeLimits, tls_context, tls_protocol_class
 
     app = create_app(settings, factory)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; uvicorn serves on this socket
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    options: Dict[str, Any] = {}
+    scheme, verify = "http", None  # type: Tuple[str, Any]
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        context = tls_context(str(settings.tls_certfile), str(settings.tls_keyfile))
+        options["http"] = tls_protocol_class(EdgeLimits.from_settings(settings), context)
+        scheme, verify = "https", ssl.create_default_context(cafile=str(settings.tls_certfile))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    url = "http://127.0.0.1:{}".format(port)
+    url = "{}://127.0.0.1:{}".format(scheme, port)
     try:
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
             try:
-                if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
+                if httpx.get(url + "/readyz", timeout=1.0, verify=verify if verify is not None else True).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -163,7 +173,8 @@ class BusyServer(LiveServer):
         self.gate = gate  # cleared: inference waits, so requests pile up
 
     def requests_in_flight(self) -> float:
-        for line in httpx.get(self.url + "/metrics", timeout=5.0).text.splitlines():
+        metrics = httpx.get(self.url + "/metrics", headers={"Authorization": "Bearer " + METRICS_TOKEN}, timeout=5.0)
+        for line in metrics.text.splitlines():
             if line.startswith("anemia_requests_in_flight "):
                 return float(line.split()[1])
         raise AssertionError("/metrics has no anemia_requests_in_flight")
@@ -177,7 +188,7 @@ def busy_server(model_path: Path, engine_dir: Path) -> Iterator[BusyServer]:
     from tests.backends import InstrumentedBackend
 
     settings = load_settings(
-        model=model_path, engine_dir=engine_dir, api_key=API_KEY, intra_op_threads=1, queue_size=1, max_batch=1
+        model=model_path, engine_dir=engine_dir, api_key=API_KEY, metrics_token=METRICS_TOKEN, intra_op_threads=1, queue_size=1, max_batch=1
     )
     inner = backend_factory(settings, resolve_engine(settings, ModelInfo.from_onnx(model_path)))
     gate = threading.Event()
@@ -821,3 +832,53 @@ def contrast_ratio(a: Tuple[float, float, float], b: Tuple[float, float, float])
 
     la, lb = sorted((luminance(a), luminance(b)), reverse=True)
     return (la + 0.05) / (lb + 0.05)
+
+
+def spki_sha256_base64(certfile: Path) -> str:
+    """What Chromium's --ignore-certificate-errors-spki-list pins: the key's SHA-256, base64."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(certfile.read_bytes()).public_key()
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def test_the_page_works_over_https_with_the_generated_certificate(
+    screen_model: Path, tmp_path_factory: pytest.TempPathFactory, pictures: Dict[str, Path]
+) -> None:
+    """The deployments' default: HTTPS with the box's self-signed certificate, which the tablet
+    pins (here: Chromium pins its key, as a tablet trusting that one certificate would)."""
+    from service.credentials import ensure_credentials
+
+    credentials = ensure_credentials(tmp_path_factory.mktemp("credentials"), names=["127.0.0.1", "localhost"])
+    settings = load_settings(
+        model=screen_model, engine_dir=tmp_path_factory.mktemp("tls-engines"), auto_build=True, api_key=API_KEY,
+        intra_op_threads=1, tls_certfile=credentials.certfile, tls_keyfile=credentials.keyfile,
+    )
+    profile_dir = tempfile.mkdtemp(prefix="anemia-e2e-chromium-tls-")
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-dev-shm-usage",
+        "--window-size={},{}".format(*LANDSCAPE), "--user-data-dir={}".format(profile_dir),
+        "--ignore-certificate-errors-spki-list={}".format(spki_sha256_base64(credentials.certfile)),
+    ):
+        options.add_argument(flag)
+    with serve(settings) as server:
+        assert server.url.startswith("https://")
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+        try:
+            set_viewport(driver, *LANDSCAPE)
+            open_page(driver, server, key=API_KEY)
+            assert driver.execute_script("return location.protocol;") == "https:"
+            upload(driver, pictures["jpeg"])
+            for point in [(140.0, 300.0), (500.0, 300.0), (320.0, 362.0)]:
+                tap(driver, *natural_to_viewport(driver, point))
+            assert submit_and_wait(driver) == "result", text_of(driver, "error")
+        finally:
+            driver.quit()
+            shutil.rmtree(profile_dir, ignore_errors=True)

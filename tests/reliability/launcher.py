@@ -14,10 +14,10 @@ import os
 import sys
 
 import numpy as np
-import uvicorn
 
 from service.app import create_app
 from service.config import load_settings
+from service.edge import run_server
 from service.logging_setup import configure_logging
 from service.model_info import ModelInfo
 from service.startup import backend_factory, resolve_engine
@@ -40,14 +40,8 @@ def main() -> int:
         return InstrumentedBackend(real_factory(), delay_seconds=delay_seconds, fail_if=all_white_image if fail_white else None)
 
     app = create_app(settings, factory=factory)
-    uvicorn.run(
-        app,
-        host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ.get("PORT", "8000")),
-        workers=1,
-        log_config=None,
-        timeout_graceful_shutdown=30,
-    )
+    # The same edge (deadlines, caps) as python -m service.
+    run_server(app, settings, os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8000")))
     return 0
 
 

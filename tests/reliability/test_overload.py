@@ -31,7 +31,12 @@ async def burst(url: str, clients: int, image: bytes) -> List[Tuple[int, dict, d
 @pytest.mark.slow
 def test_overload_answers_503_with_retry_after_and_memory_stays_bounded(spawn: Callable[..., ServerProcess]) -> None:
     # In flight at most queue_size + max_batch = 4; each batch takes 0.2 s.
-    server = spawn(module=LAUNCHER_MODULE, RELIABILITY_DELAY_SECONDS="0.2", ANEMIA_QUEUE_SIZE="2", ANEMIA_MAX_BATCH="2")
+    # 40 uploads of 1.4 MB from one address exceed the per-address body budget (32 MiB, 503
+    # too_many_uploads, test_edge.py): off here, this test is about the engine's admission.
+    server = spawn(
+        module=LAUNCHER_MODULE, RELIABILITY_DELAY_SECONDS="0.2", ANEMIA_QUEUE_SIZE="2", ANEMIA_MAX_BATCH="2",
+        ANEMIA_MAX_BODY_BYTES_IN_FLIGHT_PER_CLIENT="0",
+    )
     image = photo_jpeg(1280, 960)  # ~1 MB per upload: a leak would show
     assert len(image) > 0.5 * MIB
     # Warm up at the measured concurrency: allocator arenas sized for 40 concurrent uploads are
@@ -41,9 +46,14 @@ def test_overload_answers_503_with_retry_after_and_memory_stays_bounded(spawn: C
     totals: Counter = Counter()
     started = time.monotonic()
     for _ in range(5):
+        burst_started = time.monotonic()
         answers = asyncio.run(burst(server.url, 40, image))
-        # Never more answered than fit in flight (4); at least one batch's worth always is.
-        assert 2 <= sum(1 for status, _, _ in answers if status == 200) <= 4
+        burst_seconds = time.monotonic() - burst_started
+        # Never more answered than fit in flight (4), plus one batch (2) per 0.2 s the burst lasted:
+        # a request is admitted once its body is in (issue 16), and 58 MB of bodies take a while
+        # to arrive, so a slot freed meanwhile takes a later one. At least one batch always is.
+        answered = sum(1 for status, _, _ in answers if status == 200)
+        assert 2 <= answered <= 4 + 2 * int(burst_seconds / 0.2), (answered, burst_seconds)
         for status, headers, body in answers:
             totals[status] += 1
             assert headers["x-request-id"] == body["request_id"]

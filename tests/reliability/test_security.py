@@ -13,6 +13,7 @@ from tests.images import conjunctiva_rgba, encode, png_chunk
 from tests.reliability.server import LAUNCHER_MODULE, ServerProcess
 
 KEY = "k3y-for-tests-only"
+METRICS_TOKEN = "m3trics-for-tests-only"
 ORIGIN = "http://tablet.clinic.local"
 SECRET_TEXT = b"patient-Jane-Doe-1987"
 # Coordinates nobody else would log by chance.
@@ -29,7 +30,7 @@ def png_with_text(text: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def secured(base_env: Dict[str, str]) -> Iterator[ServerProcess]:
     env = dict(base_env)
-    env.update(ANEMIA_API_KEY=KEY, ANEMIA_CORS_ORIGINS=ORIGIN, RELIABILITY_FAIL_WHITE="1")
+    env.update(ANEMIA_API_KEY=KEY, ANEMIA_METRICS_TOKEN=METRICS_TOKEN, ANEMIA_CORS_ORIGINS=ORIGIN, RELIABILITY_FAIL_WHITE="1")
     with ServerProcess(env, module=LAUNCHER_MODULE) as process:
         yield process
 
@@ -48,9 +49,10 @@ def test_api_key_is_required_for_predictions_and_the_model(secured: ServerProces
     assert httpx.get(secured.url + "/v1/model").status_code == 401
     assert predict(secured, image, headers={"X-API-Key": KEY}).status_code == 200
     assert httpx.get(secured.url + "/v1/model", headers={"Authorization": "Bearer " + KEY}).status_code == 200
-    # Probes and Prometheus stay open.
-    for path in ("/healthz", "/readyz", "/metrics"):
+    # Probes stay open; /metrics wants its own token once a key is set (test_edge.py checks it).
+    for path in ("/healthz", "/readyz"):
         assert httpx.get(secured.url + path).status_code == 200
+    assert httpx.get(secured.url + "/metrics").status_code == 401
 
 
 def test_cors_answers_only_the_configured_origin(secured: ServerProcess) -> None:
@@ -80,7 +82,7 @@ def test_every_response_carries_a_request_id_and_only_the_needed_headers(secured
         httpx.get(secured.url + "/v1/predict"),  # 405
         httpx.get(secured.url + "/healthz"),
         httpx.get(secured.url + "/readyz"),
-        httpx.get(secured.url + "/metrics"),
+        httpx.get(secured.url + "/metrics", headers={"Authorization": "Bearer " + METRICS_TOKEN}),
         httpx.get(secured.url + "/openapi.json"),
         httpx.options(secured.url + "/v1/predict", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}),
     ]
@@ -90,9 +92,9 @@ def test_every_response_carries_a_request_id_and_only_the_needed_headers(secured
         assert len(answer.headers.get("x-request-id", "")) == 32, (answer.request.url, answer.headers)
         assert answer.headers["x-content-type-options"] == "nosniff"
     json_answer = answers[0]
-    # vary: Origin because CORS is on. uvicorn's "server" header is tolerated, not needed (see docs/reliability.md).
+    # vary: Origin because CORS is on; no "server" header (server_header=False in service/edge.py).
     expected = {"content-type", "content-length", "date", "vary", "x-request-id", "x-content-type-options"}
-    assert expected <= set(json_answer.headers) <= expected | {"server"}, set(json_answer.headers) ^ expected
+    assert set(json_answer.headers) == expected, set(json_answer.headers) ^ expected
     assert json_answer.headers["vary"] == "Origin"
     assert json_answer.headers["content-type"] == "application/json"
     assert answers[3].headers.get("www-authenticate") is None or "Bearer" in answers[3].headers["www-authenticate"]

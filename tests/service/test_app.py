@@ -269,7 +269,7 @@ def test_body_over_the_limit_while_streaming(make_settings: Callable[..., Settin
 
 
 def test_api_key(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
-    with TestClient(create_app(make_settings(api_key="s3cret-key"))) as client:
+    with TestClient(create_app(make_settings(api_key="s3cret-key", metrics_token="m3trics-token"))) as client:
         wait_ready(client)
         missing = post_image(client, crop_png)
         wrong = post_image(client, crop_png, headers={"X-API-Key": "s3cret-kez"})
@@ -279,9 +279,35 @@ def test_api_key(make_settings: Callable[..., Settings], crop_png: bytes) -> Non
         assert post_image(client, crop_png, headers={"X-API-Key": "s3cret-key"}).status_code == 200
         assert post_image(client, crop_png, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
         assert client.get("/v1/model", headers={"X-API-Key": "s3cret-key"}).status_code == 200
-        # Health and metrics stay open for probes and Prometheus.
+        # Health stays open for probes; /metrics wants its own token (not the API key).
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
-        assert client.get("/metrics").status_code == 200
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer s3cret-key"}).status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer m3trics-token"}).status_code == 200
+
+
+def test_metrics_closed_when_a_key_is_set_without_a_metrics_token(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(api_key="s3cret-key"))) as client:
+        wait_ready(client)
+        refused = client.get("/metrics", headers={"Authorization": "Bearer s3cret-key"})
+        assert refused.status_code == 401 and "ANEMIA_METRICS_TOKEN" in refused.json()["error"]["message"]
+
+
+def test_media_type_is_matched_case_insensitively(client: Any, crop_png: bytes) -> None:
+    boundary = "XyZ"
+    body = (
+        "--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n".format(b=boundary).encode()
+        + crop_png
+        + "\r\n--{b}--\r\n".format(b=boundary).encode()
+    )
+    response = client.post("/v1/predict", content=body, headers={"Content-Type": "Multipart/Form-Data; Boundary={}".format(boundary)})
+    assert response.status_code == 200, response.text
+
+
+def test_truncated_multipart_is_invalid_request(client: Any, crop_png: bytes) -> None:
+    body = b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n" + crop_png
+    response = client.post("/v1/predict", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 422 and "truncated" in response.json()["error"]["message"]
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:

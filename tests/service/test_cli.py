@@ -38,3 +38,24 @@ def test_prepare_builds_the_engine_once(tmp_path: Path, model_path: Path) -> Non
     second = run_service(["prepare"], env)
     assert second.returncode == 0 and sorted(p.name for p in (tmp_path / "engines").iterdir()) == built
     assert any(name.endswith(".onnx") for name in built) and "manifest.json" in built
+
+
+def test_init_makes_credentials_once_and_shows_the_key_once(tmp_path: Path) -> None:
+    import stat
+
+    assert run_service(["init"], {"ANEMIA_CREDENTIALS_DIR": ""}).returncode == 2  # no directory: says so
+    directory = tmp_path / "credentials"
+    env = {"ANEMIA_CREDENTIALS_DIR": str(directory)}
+    first = run_service(["init"], env)
+    assert first.returncode == 0, first.stderr
+    key = (directory / "api-key").read_text().strip()
+    assert len(key) >= 32 and key in first.stdout and "shown only this once" in first.stdout
+    fingerprint = [line for line in first.stdout.splitlines() if "sha256 fingerprint" in line][0].split("fingerprint ")[1].split()[0]
+    assert len(fingerprint.split(":")) == 32
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()} == {
+        "api-key": 0o600, "metrics-token": 0o600, "tls-key.pem": 0o600, "tls-cert.pem": 0o644,
+    }
+    second = run_service(["init"], env)
+    assert second.returncode == 0 and key not in second.stdout and "not shown again" in second.stdout
+    assert fingerprint in second.stdout  # the same certificate

@@ -36,6 +36,10 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("ANEMIA_MAX_UPLOAD_BYTES", "lots"),
         ("ANEMIA_BATCH_WAIT_MS", "-1"),
         ("ANEMIA_BATCHING", "sometimes"),
+        ("ANEMIA_HEADER_TIMEOUT_S", "0"),
+        ("ANEMIA_MAX_HEADER_BYTES", "100"),
+        ("ANEMIA_MIN_BODY_RATE_BYTES_PER_S", "0"),
+        ("ANEMIA_MAX_CONNECTIONS_PER_CLIENT", "-1"),
     ],
 )
 def test_bad_values_fail_naming_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
@@ -48,3 +52,11 @@ def test_bad_values_fail_naming_the_variable(monkeypatch: pytest.MonkeyPatch, va
 def test_blank_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANEMIA_API_KEY", "  ")
     assert load_settings().api_key is None
+
+
+def test_blank_credentials_dir_means_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty ANEMIA_CREDENTIALS_DIR must never mean "." (the working directory).
+    monkeypatch.setenv("ANEMIA_CREDENTIALS_DIR", "")
+    monkeypatch.setenv("ANEMIA_TLS_CERTFILE", " ")
+    settings = load_settings()
+    assert settings.credentials_dir is None and settings.tls_certfile is None
