@@ -49,7 +49,8 @@ from service.preprocess import (
     preprocess_decoded,
 )
 from service.schemas import ErrorBody, LatencyMs, ModelDescription, ModelRef, Prediction, RoiInfo, Status
-from service.startup import BackendFactory, ResolvedEngine, backend_factory, resolve_engine
+from service.startup import BackendFactory, ResolvedEngine, backend_factory, resolve_engine, thread_plan
+from service.thread_budget import ThreadPlan
 
 logger = logging.getLogger("service.app")
 
@@ -73,8 +74,11 @@ class ServiceState:
         engine: ResolvedEngine,
         factory: BackendFactory,
         registry: Optional[CollectorRegistry] = None,
+        threads: Optional[ThreadPlan] = None,
     ) -> None:
         self.settings = settings
+        # How the cores are split (service/thread_budget.py); the backend records its warm-up choice here.
+        self.threads = threads if threads is not None else thread_plan(settings, engine)
         self.model = model
         self.engine = engine
         self.threshold = settings.threshold if settings.threshold is not None else model.threshold
@@ -95,7 +99,7 @@ class ServiceState:
             incoming=lambda: self.preparing,
             batching=settings.batching,
         )
-        self.executor = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="preprocess")
+        self.executor = ThreadPoolExecutor(max_workers=self.threads.preprocess_threads, thread_name_prefix="preprocess")
         self.in_flight = 0
         self.preparing = 0  # admitted, not yet handed to the batcher
         self.shutting_down = False
@@ -161,6 +165,7 @@ class ServiceState:
             "backend loaded",
             extra={"backend": self.engine.backend, "precision": self.settings.precision, "engine": self.engine.entry.file},
         )
+        logger.info("thread plan", extra={"threads": self.threads.describe()})
 
     async def stop(self) -> None:
         self.shutting_down = True
@@ -179,7 +184,8 @@ def build_state(settings: Settings, factory: Optional[BackendFactory] = None) ->
     """Read the model and find its engine now, so a bad configuration fails before serving."""
     model = ModelInfo.from_onnx(settings.model)
     engine = resolve_engine(settings, model)
-    return ServiceState(settings, model, engine, factory or backend_factory(settings, engine))
+    threads = thread_plan(settings, engine)
+    return ServiceState(settings, model, engine, factory or backend_factory(settings, engine, threads), threads=threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +335,7 @@ def describe_model(state: ServiceState) -> Dict[str, Any]:
         "metadata": state.model.public_metadata(),
         "engine": state.engine.entry.to_dict(),
         "batching": describe_batching(state.batcher),
+        "threads": state.threads.describe(),
         "operating_point": describe_operating_point(state.model, state.threshold),
         "calibration": describe_calibration(state.model),
     }

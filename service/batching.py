@@ -168,6 +168,9 @@ class MicroBatcher:
         tensors: Dict[int, np.ndarray] = {batch: np.zeros((batch,) + shape, dtype=np.float32) for batch in sorted({1, cap})}
         block_seconds_per_image: Dict[int, List[float]] = {batch: [] for batch in tensors}
         try:
+            backend.warm_up(shape)  # the backend's own choices first (ONNX Runtime: which sessions)
+            # Batching only matters when requests wait: time it in the configuration that serves them.
+            backend.set_waiting(cap)
             for tensor in tensors.values():
                 backend.infer(tensor)  # first call: allocations, kernel selection
             # Blocks of one shape, as the server would run them: a single call right after a
@@ -249,9 +252,14 @@ class MicroBatcher:
             if isinstance(item, _Pending) and item.future.set_running_or_notify_cancel():
                 self._infer(backend, [item])
 
+    def waiting(self) -> int:
+        """Requests queued or still being prepared, besides the batch about to run."""
+        return self._queue.qsize() + (self._incoming() if self._incoming is not None else 0)
+
     def _infer(self, backend: InferenceBackend, batch: List[_Pending]) -> None:
         started = time.monotonic()
         try:
+            backend.set_waiting(self.waiting())
             tensors = np.concatenate([p.tensor for p in batch], axis=0)
             probabilities = backend.infer(tensors)
             if probabilities.shape[0] != len(batch) or not np.all(np.isfinite(probabilities)):

@@ -135,6 +135,30 @@ def test_model_endpoint_shows_metadata_and_engine(client: Any, make_settings: Ca
     assert body["metadata"]["preprocess.mean"] == [127.5, 127.5, 127.5]
 
 
+def test_model_endpoint_says_how_the_cores_are_split(make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import thread_budget
+
+    monkeypatch.setattr(thread_budget.os, "sched_getaffinity", lambda pid: {0, 1})
+    with TestClient(create_app(make_settings(preprocess_threads=3))) as client:
+        wait_ready(client)
+        threads = ModelDescription.model_validate(client.get("/v1/model").json()).threads
+        assert threads is not None and threads.cores == 2 and threads.engine == "cpu"
+        assert (threads.load_intra_op_threads, threads.idle_intra_op_threads, threads.preprocess_threads) == (1, 2, 3)
+        assert threads.sources["preprocess_threads"] == "ANEMIA_PREPROCESS_THREADS"
+        assert threads.sources["intra_op_threads"] == "machine"
+        # warm-up timed both sessions and decided
+        assert threads.idle_session in (True, False) and set(threads.warmup_ms) == {"load_session_ms", "idle_session_ms"}
+        assert client.app.state.svc.executor._max_workers == 3
+
+
+def test_the_worker_tells_the_backend_how_many_requests_wait(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    app, holder = instrumented_app(make_settings())
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert post_image(client, crop_png).status_code == 200
+    assert holder["backend"].waiting_seen[-1] == 0  # a lone request: nothing queued or being prepared
+
+
 def test_model_endpoint_says_no_operating_point_is_known_for_a_model_without_one(client: Any) -> None:
     body = client.get("/v1/model").json()
     ModelDescription.model_validate(body)
