@@ -326,3 +326,11 @@ def test_each_call_is_told_how_many_requests_wait_behind_it() -> None:
     seen = backend.waiting[warm_calls:]
     # the first calls see the queue behind them plus the two being prepared; the lone last one sees none
     assert seen[0] >= 2 and seen[-1] == 0
+
+
+def test_freed_warm_up_memory_is_handed_back_where_glibc_allows() -> None:
+    import ctypes.util
+
+    from service.batching import release_freed_memory
+
+    assert release_freed_memory() is (ctypes.util.find_library("c") is not None)
