@@ -282,7 +282,8 @@ class MicroBatcher:
         started = time.monotonic()
         try:
             backend.set_waiting(self.waiting())
-            tensors = np.concatenate([p.tensor for p in batch], axis=0)
+            # One image (the usual case on a CPU) needs no copy; the copy held the GIL under load.
+            tensors = batch[0].tensor if len(batch) == 1 else np.concatenate([p.tensor for p in batch], axis=0)
             probabilities = backend.infer(tensors)
             if probabilities.shape[0] != len(batch) or not np.all(np.isfinite(probabilities)):
                 raise InferenceFailed("the backend returned {} for {} images".format(probabilities, len(batch)))

@@ -371,7 +371,9 @@ def roi_mask(decoded: DecodedImage, roi: Optional[Roi], limits: PreprocessLimits
     """The ROI as a uint8 mask (255 inside) and its source: alpha, polygon, bbox or full."""
     height, width = decoded.rgb.shape[:2]
     if decoded.alpha is not None:
-        return np.where(decoded.alpha >= ALPHA_OPAQUE_THRESHOLD, 255, 0).astype(np.uint8), "alpha"
+        # alpha >= 128 -> 255, else 0, in one pass (np.where + astype made two full-size arrays)
+        _, mask = cv2.threshold(decoded.alpha, ALPHA_OPAQUE_THRESHOLD - 1, 255, cv2.THRESH_BINARY)
+        return mask, "alpha"
     if roi is None:
         return np.full((height, width), 255, dtype=np.uint8), "full"
     mask = np.zeros((height, width), dtype=np.uint8)
@@ -449,17 +451,19 @@ def preprocess_decoded(
 ) -> PreprocessResult:
     """Mask, crop, letterbox and normalize a decoded image into a 1x3xSxS float32 tensor."""
     mask, source = roi_mask(decoded, roi, limits)
-    ys, xs = np.nonzero(mask)
-    roi_pixels = int(xs.size)
+    # Pixel count and bounding box without np.nonzero's two full-size index arrays.
+    roi_pixels = int(cv2.countNonZero(mask))
     if roi_pixels < limits.min_roi_pixels:
         raise InvalidRoi(
             "the {} ROI covers {} pixels; at least {} are needed".format(source, roi_pixels, limits.min_roi_pixels)
         )
-    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    x0, x1, y0, y1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
     crop = decoded.rgb[y0:y1, x0:x1].astype(np.float32)
     if source != "full":
-        crop_mask = mask[y0:y1, x0:x1] > 0
-        crop[~crop_mask] = np.asarray(spec.fill, dtype=np.float32)
+        outside = (mask[y0:y1, x0:x1] == 0)[:, :, np.newaxis]
+        np.copyto(crop, np.asarray(spec.fill, dtype=np.float32), where=outside)
     tensor = normalized_chw(crop, spec)
     height, width = decoded.rgb.shape[:2]
     return PreprocessResult(
