@@ -267,7 +267,7 @@ def prepare_request(
     """
     roi = parse_roi_json(roi_text, limits.max_polygon_points)
     t0 = time.perf_counter()
-    decoded = decode_image(data, limits.max_pixels)
+    decoded = decode_image(data, limits.max_pixels, roi, spec.input_size)
     t1 = time.perf_counter()
     prepared = preprocess_decoded(decoded, roi, spec, limits)
     return prepared, t1 - t0, time.perf_counter() - t1
