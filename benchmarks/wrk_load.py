@@ -49,6 +49,9 @@ from benchmarks.load import (
 from benchmarks.processes import free_port
 
 SERVERS = ("ours", "plain-engine", "plain-fp32")
+#: Our server again, the picture sent as the whole body (Content-Type: image/png), not multipart.
+RAW = "ours-raw"
+KNOWN = SERVERS + (RAW,)
 BOUNDARY = "----anemia-wrk-boundary"
 
 LUA = r"""
@@ -56,13 +59,13 @@ LUA = r"""
 local bodies = {}
 local n = %(count)d
 for i = 1, n do
-  local f = assert(io.open("%(directory)s/body_" .. i, "rb"))
+  local f = assert(io.open("%(directory)s/%(prefix)s" .. i, "rb"))
   bodies[i] = f:read("*all")
   f:close()
 end
 local i = 0
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"
+wrk.headers["Content-Type"] = "%(content_type)s"
 request = function()
   i = (i %% n) + 1
   return wrk.format(nil, "%(path)s", nil, bodies[i])
@@ -77,17 +80,21 @@ def multipart_body(name: str, data: bytes) -> bytes:
     return head + data + "\r\n--{}--\r\n".format(BOUNDARY).encode()
 
 
-def write_script(directory: Path, images: Sequence[Tuple[str, bytes]], path: str) -> Path:
+def write_script(directory: Path, images: Sequence[Tuple[str, bytes]], path: str, raw: bool = False) -> Path:
+    """A wrk Lua script posting ``images`` in turn: multipart uploads, or with ``raw`` the bytes
+    themselves as an ``image/png`` body (our server only)."""
+    prefix = "raw_" if raw else "body_"
     for index, (name, data) in enumerate(images, start=1):
-        (directory / "body_{}".format(index)).write_bytes(multipart_body(name, data))
-    script = directory / "post_{}.lua".format(path.strip("/").replace("/", "_"))
-    script.write_text(LUA % {"count": len(images), "directory": str(directory), "boundary": BOUNDARY, "path": path})
+        (directory / "{}{}".format(prefix, index)).write_bytes(data if raw else multipart_body(name, data))
+    script = directory / "post_{}{}.lua".format(path.strip("/").replace("/", "_"), "_raw" if raw else "")
+    content_type = "image/png" if raw else "multipart/form-data; boundary={}".format(BOUNDARY)
+    script.write_text(LUA % {"count": len(images), "directory": str(directory), "prefix": prefix, "content_type": content_type, "path": path})
     return script
 
 
 def server_spec(name: str, port: int, args: argparse.Namespace, int8_engine: Path) -> ServerSpec:
     python = sys.executable
-    if name == "ours":
+    if name in ("ours", RAW):
         env = {
             "HOST": "127.0.0.1",
             "PORT": str(port),
@@ -99,6 +106,8 @@ def server_spec(name: str, port: int, args: argparse.Namespace, int8_engine: Pat
         }
         env.update(dict(item.split("=", 1) for item in args.ours_env))
         return ServerSpec(name, [python, "-m", "service"], "/readyz", "/v1/predict", python, "/metrics", env)
+    if name not in KNOWN:
+        raise ValueError("unknown server {!r}; use {}".format(name, ", ".join(KNOWN)))
     engine = int8_engine if name == "plain-engine" else args.model
     command = [python, "-m", "uvicorn", "benchmarks.peers.plain_fastapi:app", "--host", "127.0.0.1", "--port", str(port)]
     # BENCH_ORT_THREADS=0: ONNX Runtime's own default, as the tutorial leaves it.
@@ -160,7 +169,7 @@ def bench_server(name: str, args: argparse.Namespace, int8_engine: Path, images:
     result: Dict[str, Any] = {"name": name, "command": " ".join(spec.command), "env": spec.env, "levels": []}
     try:
         result["startup_seconds"] = server.wait_ready(args.ready_timeout)
-        script = write_script(work, images, spec.predict_path)
+        script = write_script(work, images, spec.predict_path, raw=name == RAW)
         url = server.base_url
         warm, _ = run_wrk(url, script, 4, args.warmup_seconds, args.client_cpu)
         if warm["non_2xx"] or warm["socket_errors"] or not warm.get("requests"):
@@ -227,9 +236,11 @@ def markdown(report: Dict[str, Any]) -> str:
                 name, result.get("rss_after_warmup_bytes", 0) / 1e6, result.get("rss_bytes", 0) / 1e6, result.get("peak_rss_bytes", 0) / 1e6
             )
         )
-    ours = report["servers"].get("ours")
-    if ours and any("stages" in level for level in ours.get("levels", [])):
-        lines += ["", "`ours`, stage means from `/metrics` (ms):", "", "| concurrency | decode | preprocess | queue | inference | server total | mean batch |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for ours_name in ("ours", RAW):
+        ours = report["servers"].get(ours_name)
+        if not ours or not any("stages" in level for level in ours.get("levels", [])):
+            continue
+        lines += ["", "`{}`, stage means from `/metrics` (ms):".format(ours_name), "", "| concurrency | decode | preprocess | queue | inference | server total | mean batch |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for level in ours["levels"]:
             st = level.get("stages", {})
             lines.append(
@@ -248,7 +259,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--precision", default="int8", help="ours' ANEMIA_PRECISION and the plain-engine peer's engine")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--max-images", type=int, default=64)
-    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--servers", default=",".join(SERVERS), help="of {}".format(", ".join(KNOWN)))
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--seconds", type=float, default=15.0, help="per level")
     parser.add_argument("--warmup-seconds", type=float, default=3.0)

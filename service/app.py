@@ -221,8 +221,10 @@ async def read_predict_form(request: Request, max_upload_bytes: int) -> Tuple[by
     if declared is not None and declared > max_upload_bytes:
         raise PayloadTooLarge("the request body is {} bytes; at most {} are accepted".format(declared, max_upload_bytes))
     content_type = request.headers.get("content-type", "")
+    if content_type.lower().startswith("image/"):
+        return await read_raw_image(request)
     if not content_type.startswith("multipart/form-data"):
-        raise InvalidRequest("send multipart/form-data with a file field named 'image'")
+        raise InvalidRequest("send multipart/form-data with a file field named 'image', or the picture itself with an image/* Content-Type")
     try:
         form = await request.form(max_files=2, max_fields=8)
     except ServiceError:
@@ -251,6 +253,16 @@ async def read_predict_form(request: Request, max_upload_bytes: int) -> Tuple[by
     finally:
         await form.close()
     return data, roi_text
+
+
+async def read_raw_image(request: Request) -> Tuple[bytes, Optional[str]]:
+    """The picture sent as the whole body (``Content-Type: image/*``), with the optional ROI as the
+    ``roi`` query parameter: no multipart parsing (docs/benchmarks.md measures both). The size limit
+    is enforced while the body streams in (RequestContextMiddleware)."""
+    rois = request.query_params.getlist("roi")
+    if len(rois) > 1:
+        raise InvalidRequest("send at most one 'roi' parameter, got {}".format(len(rois)))
+    return await request.body(), (rois[0] if rois else None)
 
 
 def _ms(seconds: float) -> float:
@@ -467,9 +479,23 @@ _PREDICT_BODY = {
                     },
                 },
                 "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp, image/bmp"}},
-            }
+            },
+            # The picture as the whole body: cheaper than multipart for clients that can send it.
+            **{
+                media_type: {"schema": {"type": "string", "format": "binary", "description": "the picture itself"}}
+                for media_type in ("image/png", "image/jpeg")
+            },
         },
-    }
+    },
+    "parameters": [
+        {
+            "name": "roi",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "With an image/* body only: the ROI JSON, as the multipart 'roi' field.",
+        }
+    ],
 }
 
 

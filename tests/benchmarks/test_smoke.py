@@ -191,12 +191,12 @@ def test_profile_budget_splits_thread_cpu_by_stage_samples() -> None:
 def test_wrk_smoke_ours_and_plain(bench_model: Path, bench_images: Path, tmp_path: Path) -> None:
     run_script(
         "benchmarks.wrk_load",
-        ["--smoke", "--servers", "ours,plain-engine", "--precision", "fp32", "--concurrency", "1,4", "--model", str(bench_model),
+        ["--smoke", "--servers", "ours,ours-raw,plain-engine", "--precision", "fp32", "--concurrency", "1,4", "--model", str(bench_model),
          "--engine-dir", str(bench_model.parent / "engines"), "--images", str(bench_images), "--out-dir", str(tmp_path)],
         timeout_seconds=180.0,
     )
     report = json.loads((tmp_path / "wrk.json").read_text())
-    assert set(report["servers"]) == {"ours", "plain-engine"}
+    assert set(report["servers"]) == {"ours", "ours-raw", "plain-engine"}
     for name, result in report["servers"].items():
         assert [level["concurrency"] for level in result["levels"]] == [1, 4], name
         for level in result["levels"]:

@@ -538,3 +538,25 @@ def test_a_prediction_takes_one_thread_pool_hop(client: Any, crop_png: bytes) ->
     finally:
         state.run_blocking = original  # type: ignore[method-assign]
     assert hops == ["prepare_request"]
+
+
+def test_the_picture_can_be_the_whole_body(client: Any, crop_png: bytes, photo_jpeg: bytes) -> None:
+    multipart = post_image(client, crop_png).json()
+    raw = client.post("/v1/predict", content=crop_png, headers={"Content-Type": "image/png"})
+    assert raw.status_code == 200, raw.text
+    assert raw.json()["anemia_probability"] == multipart["anemia_probability"]
+    assert raw.json()["roi"] == multipart["roi"]
+    with_roi = client.post("/v1/predict", params={"roi": POLYGON}, content=photo_jpeg, headers={"Content-Type": "Image/JPEG"})
+    assert with_roi.status_code == 200 and with_roi.json()["roi"]["source"] == "polygon"
+    assert with_roi.json()["anemia_probability"] == post_image(client, photo_jpeg, roi=POLYGON).json()["anemia_probability"]
+    garbage = client.post("/v1/predict", content=b"not a picture", headers={"Content-Type": "image/png"})
+    assert garbage.status_code == 415 and garbage.json()["error"]["code"] == "unsupported_image"
+    two = client.post("/v1/predict?roi=%7B%7D&roi=%7B%7D", content=crop_png, headers={"Content-Type": "image/png"})
+    assert two.status_code == 422 and "at most one" in two.json()["error"]["message"]
+
+
+def test_a_raw_body_over_the_limit_is_refused(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(max_upload_bytes=1000))) as client:
+        wait_ready(client)
+        response = client.post("/v1/predict", content=b"\x89PNG" + b"\0" * 5000, headers={"Content-Type": "image/png"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
