@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from benchmarks.load import (
     DEFAULT_IMAGES,
     DEFAULT_MODEL,
@@ -209,10 +211,37 @@ def bench_server(name: str, args: argparse.Namespace, int8_engine: Path, images:
                 file=sys.stderr,
                 flush=True,
             )
+        if spec.metrics_path:
+            result["overhead"] = stage_overhead(url + spec.predict_path, images, args.overhead_requests, raw=name == RAW)
         result["rss_bytes"], result["peak_rss_bytes"] = server.rss_bytes()
     finally:
         server.stop()
     return result
+
+
+def stage_overhead(url: str, images: Sequence[Tuple[str, bytes]], requests: int, raw: bool = False) -> Dict[str, Any]:
+    """One request at a time: p50 of the server's own stage timings (``latency_ms``) and of its
+    overhead, total minus inference (HTTP, multipart, decode, preprocessing, hand-offs, JSON)."""
+    import httpx
+
+    rows: List[Dict[str, float]] = []
+    with httpx.Client(timeout=30.0) as client:
+        for index in range(requests):
+            name, data = images[index % len(images)]
+            if raw:
+                response = client.post(url, content=data, headers={"Content-Type": "image/png"})
+            else:
+                response = client.post(url, files={"image": (name, data, "image/png")})
+            response.raise_for_status()
+            rows.append(response.json()["latency_ms"])
+    p50 = {key: float(np.median([row[key] for row in rows])) for key in rows[0]} if rows else {}
+    overhead = [row["total"] - row["inference"] for row in rows]
+    return {
+        "requests": len(rows),
+        "p50_ms": p50,
+        "overhead_p50_ms": float(np.median(overhead)) if overhead else None,
+        "overhead_p90_ms": float(np.percentile(overhead, 90)) if overhead else None,
+    }
 
 
 def markdown(report: Dict[str, Any]) -> str:
@@ -236,6 +265,11 @@ def markdown(report: Dict[str, Any]) -> str:
                 name, result.get("rss_after_warmup_bytes", 0) / 1e6, result.get("rss_bytes", 0) / 1e6, result.get("peak_rss_bytes", 0) / 1e6
             )
         )
+    for ours_name in ("ours", RAW):
+        oh = report["servers"].get(ours_name, {}).get("overhead")
+        if oh and oh.get("requests"):
+            lines += ["", "`{}`, one request at a time ({} requests), p50 of its own `latency_ms` (ms): {}; overhead (total − inference) p50 {:.2f}, p90 {:.2f}".format(
+                ours_name, oh["requests"], ", ".join("{} {:.2f}".format(k, v) for k, v in oh["p50_ms"].items()), oh["overhead_p50_ms"], oh["overhead_p90_ms"])]
     for ours_name in ("ours", RAW):
         ours = report["servers"].get(ours_name)
         if not ours or not any("stages" in level for level in ours.get("levels", [])):
@@ -266,6 +300,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--client-cpu", default=None, help="taskset CPU for wrk (default: the last CPU; empty: unpinned)")
     parser.add_argument("--ours-log-level", default="info")
     parser.add_argument("--ours-env", action="append", default=[], help="KEY=VALUE for our server (e.g. ANEMIA_INTRA_OP_THREADS=1)")
+    parser.add_argument("--overhead-requests", type=int, default=200, help="sequential requests for ours' stage-timing overhead")
     parser.add_argument("--ready-timeout", type=float, default=120.0)
     parser.add_argument("--smoke", action="store_true", help="1 s per level (CI), no timing claims")
     parser.add_argument("--out-dir", type=Path, default=None)
@@ -281,6 +316,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         args.client_cpu = str(cpus[-1]) if len(cpus) > 1 else ""
     if args.smoke:
         args.seconds, args.warmup_seconds, args.max_images = 1.0, 1.0, min(args.max_images, 4)
+        args.overhead_requests = min(args.overhead_requests, 5)
     return args
 
 

@@ -205,3 +205,4 @@ def test_wrk_smoke_ours_and_plain(bench_model: Path, bench_images: Path, tmp_pat
         assert result["rss_after_warmup_bytes"] > 0
     assert report["servers"]["ours"]["model"]["threads"]["sources"]["intra_op_threads"] == "machine"
     assert report["servers"]["ours"]["levels"][0]["stages"]["inference_mean_ms"] > 0
+    assert report["servers"]["ours-raw"]["overhead"]["requests"] == 5 and report["servers"]["ours"]["overhead"]["overhead_p50_ms"] > 0
