@@ -25,6 +25,11 @@ BACKEND_NAME = "onnxruntime"
 #: Interleaved timed blocks per session at warm-up, and calls per block.
 WARMUP_ROUNDS = 5
 WARMUP_CALLS_PER_BLOCK = 4
+#: The idle session keeps ONNX Runtime's CPU arena: with two threads, batch 1 took 3.42 ms with it
+#: and 5.27 ms without (INT8, idle 2-core EPYC, docs/benchmarks.md); it only ever runs one image,
+#: so the arena cannot grow with warm-up's batches. The load session (1 thread: 5.13 vs 5.15 ms)
+#: goes without, as its arena would keep warm-up's batch-8 high-water mark (+177 MB).
+IDLE_SESSION_ARENA = True
 
 logger = logging.getLogger("service.runtime.onnxruntime")
 
@@ -47,9 +52,9 @@ def session_options(intra_op_threads: int = 0, spinning: bool = True, memory_are
         options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = 3
     # The CPU arena keeps the high-water mark of every shape it has run: after warm-up's batch 8
-    # that is ~180 MB more (INT8 MobileNetV2) that a batch-1 server never uses again. Without it,
+    # that is ~177 MB more (INT8 MobileNetV2) that a batch-1 server never uses again. Without it,
     # the memory pattern still plans one block per run and glibc reuses the freed blocks, at no
-    # measurable cost per call (docs/benchmarks.md, memory).
+    # measurable cost per call on one thread (on two it costs, see IDLE_SESSION_ARENA).
     options.enable_cpu_mem_arena = memory_arena
     options.enable_mem_pattern = True
     if not spinning:
@@ -79,14 +84,17 @@ class OnnxRuntimeBackend(InferenceBackend):
         self._load: Optional[ort.InferenceSession] = self._open(load_threads, load_spin)
         self._idle: Optional[ort.InferenceSession] = None
         if plan is not None and plan.two_sessions:
-            self._idle = self._open(plan.idle_intra_op_threads, plan.idle_spinning)
+            # The idle session only ever runs one image, so its arena never grows past batch 1.
+            self._idle = self._open(plan.idle_intra_op_threads, plan.idle_spinning, IDLE_SESSION_ARENA)
         self._waiting = 0
         self.calls: Dict[str, int] = {"load": 0, "idle": 0}
         self._input_dtype = np.float16 if self._load.get_inputs()[0].type == "tensor(float16)" else np.float32
 
-    def _open(self, threads: int, spinning: bool) -> ort.InferenceSession:
+    def _open(self, threads: int, spinning: bool, memory_arena: bool = False) -> ort.InferenceSession:
         return ort.InferenceSession(
-            str(self.engine_path), sess_options=session_options(threads, spinning), providers=["CPUExecutionProvider"]
+            str(self.engine_path),
+            sess_options=session_options(threads, spinning, memory_arena),
+            providers=["CPUExecutionProvider"],
         )
 
     @property
