@@ -24,6 +24,7 @@ CONFIGS = {  # name: (threads, spinning, arena)
     "2 threads, spin, arena (ORT default)": (2, True, True),
     "2 threads, spin, no arena (server, idle session)": (2, True, False),
     "2 threads, no spin, no arena": (2, False, False),
+    "2 threads, no spin, arena": (2, False, True),
 }
 
 
