@@ -523,7 +523,9 @@ def test_prepare_request_matches_preprocess_roi_and_times_both_stages(make_setti
         prepare_request(b"not an image", "{oops", spec, limits)
 
 
-def test_a_prediction_takes_one_thread_pool_hop(client: Any, crop_png: bytes) -> None:
+def test_a_prediction_takes_at_most_one_thread_pool_hop(client: Any, crop_png: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.app as app_module
+
     state: ServiceState = client.app.state.svc
     hops: List[str] = []
     original = state.run_blocking
@@ -534,6 +536,11 @@ def test_a_prediction_takes_one_thread_pool_hop(client: Any, crop_png: bytes) ->
 
     state.run_blocking = counting  # type: ignore[method-assign]
     try:
+        # alone with a small picture: prepared on the event loop, no hop
+        assert post_image(client, crop_png).status_code == 200
+        assert hops == []
+        # a picture over the inline limit (or company) goes to the pool: one hop
+        monkeypatch.setattr(app_module, "INLINE_PREPARE_MAX_BYTES", len(crop_png) - 1)
         assert post_image(client, crop_png).status_code == 200
     finally:
         state.run_blocking = original  # type: ignore[method-assign]
