@@ -21,8 +21,8 @@ CALLS_PER_BLOCK = 10
 CONFIGS = {  # name: (threads, spinning, arena)
     "1 thread, no spin, arena": (1, False, True),
     "1 thread, no spin, no arena (server, load session)": (1, False, False),
-    "2 threads, spin, arena (ORT default)": (2, True, True),
-    "2 threads, spin, no arena (server, idle session)": (2, True, False),
+    "2 threads, spin, arena (ORT default; the server's idle session)": (2, True, True),
+    "2 threads, spin, no arena": (2, True, False),
     "2 threads, no spin, no arena": (2, False, False),
     "2 threads, no spin, arena": (2, False, True),
 }
