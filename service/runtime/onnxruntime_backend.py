@@ -126,7 +126,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         block is at least ``1 - IDLE_SESSION_PAYS_RATIO`` faster. Records the decision in the plan."""
         if self._load is None:
             return
-        tensor = np.zeros((1,) + tuple(image_shape), dtype=self._input_dtype)
+        tensor: np.ndarray = np.zeros((1,) + tuple(image_shape), dtype=self._input_dtype)
         sessions = {"load": self._load}
         if self._idle is not None:
             sessions["idle"] = self._idle
