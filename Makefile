@@ -100,3 +100,6 @@ bench: $(VENV)/.dev-installed $(PEERS_VENV)/.installed $(BENCH_MODEL)
 	$(PY) -m benchmarks.load --model $(BENCH_RUN_MODEL) --precision fp32 --servers ours,plain,ours-batch-on --requests-per-connection 12 --out-dir $(BENCH_OUT)/pinned_fp32 --plot docs/images/benchmark_load_pinned_fp32.png
 	$(PY) -m benchmarks.load --model $(BENCH_RUN_MODEL) --precision int8 --requests-per-connection 12 --server-cpus 0,1 --client-cpus 0,1 --threads 2 --out-dir $(BENCH_OUT)/shared_int8 --plot docs/images/benchmark_load_shared_int8.png
 	$(PY) -m benchmarks.load --model $(BENCH_RUN_MODEL) --precision int8 --servers ours,plain,ours-batch-on --ours-spinning false --requests-per-connection 12 --server-cpus 0,1 --client-cpus 0,1 --threads 2 --out-dir $(BENCH_OUT)/shared_int8_no_spinning --plot docs/images/benchmark_load_shared_int8_no_spinning.png
+	# docs/benchmarks.md section 0: wrk pinned to its own core, servers with their defaults; the per-stage budget (needs wrk and py-spy)
+	$(PY) -m benchmarks.wrk_load --model $(BENCH_RUN_MODEL) --engine-dir build/bench/run/engines --servers ours,ours-raw,plain-engine,plain-fp32 --out-dir $(BENCH_OUT)/wrk_int8_final
+	$(PY) -m benchmarks.profile_stages --model $(BENCH_RUN_MODEL) --engine-dir build/bench/run/engines --concurrency 16 --out-dir $(BENCH_OUT)/profile_int8_c16

@@ -97,10 +97,13 @@ def server_spec(name: str, port: int, engine_path: Path, args: argparse.Namespac
             "ANEMIA_INTRA_OP_THREADS": str(args.threads),
             "ANEMIA_MAX_BATCH": str(args.max_batch),
             "ANEMIA_BATCHING": "on" if name == "ours-batch-on" else args.batching,
-            "ANEMIA_INTRA_OP_SPINNING": args.ours_spinning,
             "ANEMIA_BATCH_WAIT_MS": str(args.batch_wait_ms),
             "ANEMIA_LOG_LEVEL": args.ours_log_level,
         }
+        if args.ours_spinning != "budget":
+            env["ANEMIA_INTRA_OP_SPINNING"] = args.ours_spinning
+        if not args.threads:  # 0: the thread budget decides, as `make serve` does
+            del env["ANEMIA_INTRA_OP_THREADS"]
         return ServerSpec(name, [python, "-m", "service"], "/readyz", "/v1/predict", python, "/metrics", env)
     if name == "plain":
         command = [own_python, "-m", "uvicorn", "benchmarks.peers.plain_fastapi:app", "--host", "127.0.0.1", "--port", str(port)]
@@ -719,10 +722,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--overload-factor", type=float, default=2.0, help="open-loop rate as a multiple of the best closed-loop throughput")
     parser.add_argument("--open-loop-max-rps", type=float, default=0.0)
     parser.add_argument("--open-loop-timeout", type=float, default=30.0)
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, every server alike")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, every server alike (0: ours' thread budget, the peers' ONNX Runtime default)")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--batching", choices=BATCHING_MODES, default="auto", help="our server's ANEMIA_BATCHING")
-    parser.add_argument("--ours-spinning", choices=("true", "false"), default="true", help="our server's ANEMIA_INTRA_OP_SPINNING")
+    parser.add_argument("--ours-spinning", choices=("budget", "true", "false"), default="budget", help="our server's ANEMIA_INTRA_OP_SPINNING (budget: unset, the thread budget decides)")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--ours-log-level", default="info", help="our server's ANEMIA_LOG_LEVEL (info logs every prediction)")
     parser.add_argument("--server-cpus", default="0", help="taskset list for every server; empty for none")

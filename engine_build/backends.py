@@ -12,7 +12,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Tuple, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
 
 from engine_build.artifact import ArtifactJob, options_from
 from engine_build.onnxruntime_builder import OnnxRuntimeBuildOptions, write_onnxruntime_artifact
@@ -21,6 +21,7 @@ from service.config import Settings
 from service.errors import EngineError
 from service.runtime import onnxruntime_backend, tensorrt_backend
 from service.runtime.base import InferenceBackend
+from service.thread_budget import ThreadPlan, plan_threads
 
 AUTO = "auto"
 
@@ -38,14 +39,25 @@ class Backend:
     #: What the engine is valid for: the device (``cpu``, ``Orin sm_87``) and the tool's version.
     device: Callable[[], str]
     tool_version: Callable[[], str]
-    #: Open an engine file at a precision, configured by the server's settings; called on the
-    #: thread that will own the backend.
-    load: Callable[[Path, str, Settings], InferenceBackend]
+    #: Where the engine computes, ``cpu`` or ``gpu``: what the thread budget splits the cores around.
+    runs_on: str
+    #: Open an engine file at a precision with a thread plan (:func:`thread_plan`); called on the
+    #: thread that will own the backend. Use :meth:`load` rather than this.
+    open_engine: Callable[[Path, str, Settings, ThreadPlan], InferenceBackend]
     #: The typed build options, and the writer that builds an artifact from them.
     options_type: Type[Any]
     write_artifact: Callable[[ArtifactJob, Any], Dict[str, Any]]
     #: The options the server builds with at start-up (``ANEMIA_AUTO_BUILD``, ``prepare``).
     server_options: Callable[[Settings], Any]
+
+    def thread_plan(self, settings: Settings) -> ThreadPlan:
+        """How this machine's cores are split around this backend's engine (service/thread_budget.py)."""
+        return plan_threads(settings, engine=self.runs_on)
+
+    def load(self, path: Path, precision: str, settings: Settings, plan: Optional[ThreadPlan] = None) -> InferenceBackend:
+        """Open an engine file at a precision, configured by the settings and the thread plan
+        (derived from the settings when not given); called on the thread that will own the backend."""
+        return self.open_engine(path, precision, settings, plan if plan is not None else self.thread_plan(settings))
 
     def options(self, **values: Any) -> Any:
         """This backend's build options from ``values``; an unknown option or a bad value is an EngineError."""
@@ -81,9 +93,8 @@ ONNXRUNTIME = Backend(
     available=lambda: True,
     device=onnxruntime_backend.device_name,
     tool_version=onnxruntime_backend.tool_version,
-    load=lambda path, precision, settings: onnxruntime_backend.OnnxRuntimeBackend(
-        path, precision, settings.intra_op_threads, settings.intra_op_spinning
-    ),
+    runs_on="cpu",
+    open_engine=lambda path, precision, settings, plan: onnxruntime_backend.OnnxRuntimeBackend(path, precision, plan=plan),
     options_type=OnnxRuntimeBuildOptions,
     write_artifact=write_onnxruntime_artifact,
     server_options=lambda settings: OnnxRuntimeBuildOptions(),
@@ -95,7 +106,8 @@ TENSORRT = Backend(
     available=tensorrt_available,
     device=tensorrt_backend.device_name,
     tool_version=tensorrt_backend.tool_version,
-    load=lambda path, precision, settings: tensorrt_backend.TensorRTBackend(path, precision, settings.max_batch),
+    runs_on="gpu",
+    open_engine=lambda path, precision, settings, plan: tensorrt_backend.TensorRTBackend(path, precision, settings.max_batch),
     options_type=TensorRTBuildOptions,
     write_artifact=write_tensorrt_artifact,
     # The engine's optimization profile must cover the server's largest batch.

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import onnx
 
 from engine_build.artifact import ArtifactJob
 from engine_build.quantization.int8_artifact import check_int8_artifact, int8_artifact_path
@@ -106,6 +105,8 @@ def write_tensorrt_artifact(job: ArtifactJob, options: TensorRTBuildOptions) -> 
     )
     source = _source_model(job.model, precision, options.int8_model, job.scratch, options.int4_rounding)
     onnx_path = Path(source["path"])
+    import onnx  # here, not at the top: the server imports this module but never builds
+
     graph = onnx.load(str(onnx_path))
     node_names: List[str] = [node.name or "{}#{}".format(node.op_type, i) for i, node in enumerate(graph.graph.node)]
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import logging
 import queue
 import threading
@@ -55,6 +57,25 @@ WARMUP_IMAGES_PER_BLOCK = 5
 # "auto" keeps batching only when the largest batch is at least 5 % cheaper per image than one
 # image alone: below that, waiting for company adds latency and buys no throughput.
 BATCH_PAYS_RATIO = 0.95
+
+
+def release_freed_memory() -> bool:
+    """Give the heap that warm-up freed back to the OS (glibc ``malloc_trim``); False elsewhere.
+
+    Warm-up's batch-8 calls allocate ~100 MB of activations that are freed after it, but glibc
+    keeps freed heap pages resident: without this the server sits ~30 MB higher for its whole
+    life (docs/benchmarks.md, memory). Costs a few milliseconds, once.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # musl, macOS: no malloc_trim
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 class MicroBatcher:
@@ -168,6 +189,9 @@ class MicroBatcher:
         tensors: Dict[int, np.ndarray] = {batch: np.zeros((batch,) + shape, dtype=np.float32) for batch in sorted({1, cap})}
         block_seconds_per_image: Dict[int, List[float]] = {batch: [] for batch in tensors}
         try:
+            backend.warm_up(shape)  # the backend's own choices first (ONNX Runtime: which sessions)
+            # Batching only matters when requests wait: time it in the configuration that serves them.
+            backend.set_waiting(cap)
             for tensor in tensors.values():
                 backend.infer(tensor)  # first call: allocations, kernel selection
             # Blocks of one shape, as the server would run them: a single call right after a
@@ -206,6 +230,7 @@ class MicroBatcher:
                 },
             )
         self.batch_limit = limit
+        release_freed_memory()
         self.warmed_up.set()
 
     def _collect(self, first: _Pending, limit: int) -> Tuple[List[_Pending], bool]:
@@ -249,10 +274,16 @@ class MicroBatcher:
             if isinstance(item, _Pending) and item.future.set_running_or_notify_cancel():
                 self._infer(backend, [item])
 
+    def waiting(self) -> int:
+        """Requests queued or still being prepared, besides the batch about to run."""
+        return self._queue.qsize() + (self._incoming() if self._incoming is not None else 0)
+
     def _infer(self, backend: InferenceBackend, batch: List[_Pending]) -> None:
         started = time.monotonic()
         try:
-            tensors = np.concatenate([p.tensor for p in batch], axis=0)
+            backend.set_waiting(self.waiting())
+            # One image (the usual case on a CPU) needs no copy; the copy held the GIL under load.
+            tensors = batch[0].tensor if len(batch) == 1 else np.concatenate([p.tensor for p in batch], axis=0)
             probabilities = backend.infer(tensors)
             if probabilities.shape[0] != len(batch) or not np.all(np.isfinite(probabilities)):
                 raise InferenceFailed("the backend returned {} for {} images".format(probabilities, len(batch)))

@@ -46,11 +46,17 @@ class Settings(BaseSettings):
     batching: BatchingMode = "auto"
     batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     queue_size: int = Field(default=64, ge=1)
-    preprocess_threads: int = Field(default=2, ge=1, le=64)
+    # Thread counts: 0 (and spinning unset) leaves each to the thread budget, which splits this
+    # process's cores between event loop, preprocessing and engine (service/thread_budget.py;
+    # /v1/model's "threads" says what it chose and why). A value set here overrides its part.
+    preprocess_threads: int = Field(default=0, ge=0, le=64)
+    # Engine intra-op threads while other requests wait; set alone, every call gets this many.
     intra_op_threads: int = Field(default=0, ge=0, le=256)
-    # ONNX Runtime's idle intra-op threads spin between runs: lower single-request latency, less
-    # CPU left for decoding and HTTP under concurrency (docs/benchmarks.md measures both)
-    intra_op_spinning: bool = True
+    # Engine intra-op threads for a lone request on an idle box (a second ONNX Runtime session).
+    idle_intra_op_threads: int = Field(default=0, ge=0, le=256)
+    # Whether idle ONNX Runtime threads spin between parallel sections: lower latency alone, CPU
+    # taken from decoding and HTTP under concurrency (docs/benchmarks.md measures both).
+    intra_op_spinning: Optional[bool] = None
 
     api_key: Optional[SecretStr] = None
     # With a key set, /metrics answers only this bearer token (Prometheus' credentials_file), so

@@ -9,9 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import onnx
-
 from service.errors import EngineError
+from service.onnx_header import read_header
 from service.preprocess import PreprocessSpec
 
 INPUT_NAME = "image"
@@ -193,12 +192,12 @@ class ModelInfo:
         if not path.is_file():
             raise EngineError("model file {} not found. {}".format(path, HOW_TO_GET_A_MODEL))
         try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # onnx raises DecodeError and others for a damaged file
+            # Metadata and names only, without parsing the weights or importing onnx (memory).
+            header = read_header(path)
+        except (OSError, ValueError) as exc:
             raise EngineError("model file {} is not a readable ONNX model ({}). {}".format(path, exc, HOW_TO_GET_A_MODEL))
-        props = {p.key: p.value for p in model.metadata_props}
-        inputs = [i.name for i in model.graph.input]
-        outputs = [o.name for o in model.graph.output]
+        props = header.metadata_props
+        inputs, outputs = header.inputs, header.outputs
         if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
             raise EngineError(
                 "model {} has inputs {} and outputs {}; the service needs input '{}' and output '{}'".format(

@@ -91,6 +91,11 @@ class DecodedImage:
     rgb: np.ndarray  # H x W x 3 uint8
     alpha: Optional[np.ndarray] = None  # H x W uint8, only when it carries a mask
     format: str = ""
+    #: Upload pixels per decoded pixel along each axis: 1, or 2/4/8 when a JPEG much larger than
+    #: the model needs was decoded at reduced size (see :func:`jpeg_reduction`).
+    scale: int = 1
+    #: The upload's width and height after orientation (``rgb``'s own when ``scale`` is 1).
+    upload_size: Optional[Tuple[int, int]] = None
 
 
 @dataclass
@@ -293,8 +298,42 @@ def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return image
 
 
-def decode_image(data: bytes, max_pixels: int = 40_000_000) -> DecodedImage:
-    """Decode PNG, JPEG, WebP or BMP bytes to RGB (+ alpha mask), honouring EXIF orientation."""
+#: A JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, far cheaper than a
+#: full decode) only while the region that matters keeps at least this many times the model's
+#: input size on its longer side: the final resize still shrinks 4x or more with INTER_AREA, and
+#: the ROI's edges, drawn on the coarser grid, move by at most 1/4 of a model pixel.
+REDUCED_DECODE_MARGIN = 4
+_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def jpeg_reduction(width: int, height: int, roi: Optional[Roi], target_size: int) -> int:
+    """The largest of 8, 4, 2 by which a width x height JPEG can be decoded smaller while the ROI's
+    bounding box (the whole image without one) keeps REDUCED_DECODE_MARGIN x target_size pixels
+    on its longer side; 1 when none can. Orientation does not matter: the longer side is kept."""
+    if target_size <= 0:
+        return 1
+    extent = float(max(width, height))
+    if roi is not None:
+        if roi.bbox is not None:
+            extent = max(roi.bbox[2], roi.bbox[3])
+        elif roi.polygon is not None and len(roi.polygon):
+            # Clipped to the (either way oriented) image: far-away vertices do not count.
+            side = float(max(width, height))
+            xs = np.clip(roi.polygon[:, 0], 0.0, side)
+            ys = np.clip(roi.polygon[:, 1], 0.0, side)
+            extent = max(float(xs.max() - xs.min()), float(ys.max() - ys.min()))
+    for factor in (8, 4, 2):
+        if extent / factor >= REDUCED_DECODE_MARGIN * target_size:
+            return factor
+    return 1
+
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000, roi: Optional[Roi] = None, target_size: int = 0) -> DecodedImage:
+    """Decode PNG, JPEG, WebP or BMP bytes to RGB (+ alpha mask), honouring EXIF orientation.
+
+    With ``target_size`` (the model's input size), a JPEG much larger than its ROI needs is decoded
+    at reduced size (``DecodedImage.scale``); :func:`preprocess_decoded` maps the ROI and the
+    reported bbox between the two."""
     if not data:
         raise UnsupportedImage("the image is empty (0 bytes)")
     fmt = sniff_format(data)
@@ -311,16 +350,24 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> DecodedImage:
         # The usual broken upload; caught here, libpng would also print a non-JSON line to stderr.
         raise UnsupportedImage("the PNG is truncated (no IEND chunk)")
     buffer = np.frombuffer(data, dtype=np.uint8)
+    factor = jpeg_reduction(width, height, roi, target_size) if fmt == "jpeg" else 1
+    # IMREAD_REDUCED_* implies IMREAD_COLOR, which would apply the EXIF orientation itself: it is
+    # applied below, as for full-size decodes.
+    flags = cv2.IMREAD_UNCHANGED if factor == 1 else _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        image = cv2.imdecode(buffer, flags)
     except cv2.error:
         image = None
     if image is None or image.size == 0:
         raise UnsupportedImage("the {} data could not be decoded (truncated or corrupt?)".format(fmt.upper()))
+    upload_size = (width, height)
     if fmt == "jpeg":
-        image = apply_orientation(image, jpeg_exif_orientation(data))
+        orientation = jpeg_exif_orientation(data)
+        image = apply_orientation(image, orientation)
+        if orientation >= 5:  # a quarter turn
+            upload_size = (height, width)
     rgb, alpha = _to_rgb_and_alpha(image)
-    return DecodedImage(rgb=rgb, alpha=alpha, format=fmt)
+    return DecodedImage(rgb=rgb, alpha=alpha, format=fmt, scale=factor, upload_size=upload_size)
 
 
 def _to_rgb_and_alpha(image: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -371,7 +418,9 @@ def roi_mask(decoded: DecodedImage, roi: Optional[Roi], limits: PreprocessLimits
     """The ROI as a uint8 mask (255 inside) and its source: alpha, polygon, bbox or full."""
     height, width = decoded.rgb.shape[:2]
     if decoded.alpha is not None:
-        return np.where(decoded.alpha >= ALPHA_OPAQUE_THRESHOLD, 255, 0).astype(np.uint8), "alpha"
+        # alpha >= 128 -> 255, else 0, in one pass (np.where + astype made two full-size arrays)
+        _, mask = cv2.threshold(decoded.alpha, ALPHA_OPAQUE_THRESHOLD - 1, 255, cv2.THRESH_BINARY)
+        return mask, "alpha"
     if roi is None:
         return np.full((height, width), 255, dtype=np.uint8), "full"
     mask = np.zeros((height, width), dtype=np.uint8)
@@ -381,7 +430,7 @@ def roi_mask(decoded: DecodedImage, roi: Optional[Roi], limits: PreprocessLimits
             raise InvalidRoi("polygon has {} points; at most {} are accepted".format(len(points), limits.max_polygon_points))
         xs, ys = points[:, 0], points[:, 1]
         if xs.max() < 0 or ys.max() < 0 or xs.min() >= width or ys.min() >= height:
-            raise InvalidRoi("the polygon lies outside the {}x{} image".format(width, height))
+            raise InvalidRoi("the polygon lies outside the {}x{} image".format(width * decoded.scale, height * decoded.scale))
         # fillPoly walks every edge's full length and its fixed point is int32: far-away vertices
         # (legal up to 1e9) would cost seconds of CPU each or wrap around, so clip to the image first.
         points = _clip_polygon(points, -2.0, -2.0, width + 1.0, height + 1.0)
@@ -397,7 +446,7 @@ def roi_mask(decoded: DecodedImage, roi: Optional[Roi], limits: PreprocessLimits
     x0, y0 = max(0, int(math.floor(x))), max(0, int(math.floor(y)))
     x1, y1 = min(width, int(math.ceil(x + w))), min(height, int(math.ceil(y + h)))
     if x1 <= x0 or y1 <= y0:
-        raise InvalidRoi("the bbox lies outside the {}x{} image".format(width, height))
+        raise InvalidRoi("the bbox lies outside the {}x{} image".format(width * decoded.scale, height * decoded.scale))
     mask[y0:y1, x0:x1] = 255
     return mask, "bbox"
 
@@ -448,20 +497,31 @@ def preprocess_decoded(
     limits: PreprocessLimits = PreprocessLimits(),
 ) -> PreprocessResult:
     """Mask, crop, letterbox and normalize a decoded image into a 1x3xSxS float32 tensor."""
+    scale = decoded.scale
+    if scale != 1 and roi is not None:  # the ROI is in upload pixels, the image decoded smaller
+        roi = Roi(
+            polygon=None if roi.polygon is None else roi.polygon / scale,
+            bbox=None if roi.bbox is None else tuple(v / scale for v in roi.bbox),  # type: ignore[arg-type]
+        )
     mask, source = roi_mask(decoded, roi, limits)
-    ys, xs = np.nonzero(mask)
-    roi_pixels = int(xs.size)
+    # Pixel count and bounding box without np.nonzero's two full-size index arrays.
+    roi_pixels = int(cv2.countNonZero(mask)) * scale * scale
     if roi_pixels < limits.min_roi_pixels:
         raise InvalidRoi(
             "the {} ROI covers {} pixels; at least {} are needed".format(source, roi_pixels, limits.min_roi_pixels)
         )
-    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    x0, x1, y0, y1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
     crop = decoded.rgb[y0:y1, x0:x1].astype(np.float32)
     if source != "full":
-        crop_mask = mask[y0:y1, x0:x1] > 0
-        crop[~crop_mask] = np.asarray(spec.fill, dtype=np.float32)
+        outside = (mask[y0:y1, x0:x1] == 0)[:, :, np.newaxis]
+        np.copyto(crop, np.asarray(spec.fill, dtype=np.float32), where=outside)
     tensor = normalized_chw(crop, spec)
     height, width = decoded.rgb.shape[:2]
+    if scale != 1:
+        width, height = decoded.upload_size or (width * scale, height * scale)
+        x0, y0, x1, y1 = x0 * scale, y0 * scale, min(width, x1 * scale), min(height, y1 * scale)
     return PreprocessResult(
         tensor=tensor,
         roi_source=source,
@@ -478,4 +538,4 @@ def preprocess_roi(
     limits: PreprocessLimits = PreprocessLimits(),
 ) -> PreprocessResult:
     """Bytes of an uploaded picture (+ optional client ROI) to the model's input tensor."""
-    return preprocess_decoded(decode_image(data, limits.max_pixels), roi, spec, limits)
+    return preprocess_decoded(decode_image(data, limits.max_pixels, roi, spec.input_size), roi, spec, limits)

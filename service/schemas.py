@@ -79,6 +79,25 @@ class BatchingInfo(BaseModel):
     warmup_ms_per_image: Dict[str, float] = Field(description="warm-up time per image by batch size (auto mode)")
 
 
+class ThreadsInfo(BaseModel):
+    """The thread budget (service/thread_budget.py): how the cores are split, where each number came from and why."""
+
+    cores: int = Field(description="cores this process may run on (its affinity)")
+    engine: str = Field(description="cpu or gpu: where the engine computes")
+    load_intra_op_threads: int = Field(description="engine threads per call while other requests wait")
+    idle_intra_op_threads: int = Field(description="engine threads for a lone request on an idle box")
+    load_spinning: bool
+    idle_spinning: bool
+    preprocess_threads: int
+    two_sessions: bool = Field(description="whether an idle session with more threads was opened")
+    idle_session: Optional[bool] = Field(
+        default=None, description="warm-up's decision: the idle session is used (measured faster), null before warm-up"
+    )
+    warmup_ms: Dict[str, float] = Field(description="one image on each session at warm-up (median of blocks)")
+    sources: Dict[str, str] = Field(description="machine, or the setting that fixed the number")
+    reasons: Dict[str, str]
+
+
 class MeasuredRateInfo(BaseModel):
     value: float
     ci_low: float
@@ -126,6 +145,7 @@ class ModelDescription(BaseModel):
     metadata: Dict[str, Any]
     engine: Dict[str, Any]
     batching: Optional[BatchingInfo] = None
+    threads: Optional[ThreadsInfo] = None
     operating_point: OperatingPointInfo
     calibration: CalibrationInfo
     model_config = {"protected_namespaces": ()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from engine_build.backends import get_backend
 from engine_build.build import build_engine
@@ -18,6 +18,7 @@ from service.engines import EngineEntry, EngineManifest, engine_key, locate_engi
 from service.errors import EngineError
 from service.model_info import ModelInfo
 from service.runtime.base import InferenceBackend
+from service.thread_budget import ThreadPlan
 
 BackendFactory = Callable[[], InferenceBackend]
 
@@ -43,11 +44,18 @@ def resolve_engine(settings: Settings, model: ModelInfo) -> ResolvedEngine:
     return ResolvedEngine(entry=entry, path=Path(settings.engine_dir) / entry.file, backend=backend.name)
 
 
-def backend_factory(settings: Settings, engine: ResolvedEngine) -> BackendFactory:
-    """A callable that opens the backend; the inference thread calls it, so it owns the context."""
+def thread_plan(settings: Settings, engine: ResolvedEngine) -> ThreadPlan:
+    """The split of this machine's cores around ``engine``'s backend (service/thread_budget.py)."""
+    return get_backend(engine.backend).thread_plan(settings)
+
+
+def backend_factory(settings: Settings, engine: ResolvedEngine, plan: Optional[ThreadPlan] = None) -> BackendFactory:
+    """A callable that opens the backend; the inference thread calls it, so it owns the context.
+    The backend records its warm-up decisions in ``plan`` (derived from the settings when not given)."""
     backend = get_backend(engine.backend)
+    plan = plan if plan is not None else backend.thread_plan(settings)
 
     def open_backend() -> InferenceBackend:
-        return backend.load(engine.path, settings.precision, settings)
+        return backend.load(engine.path, settings.precision, settings, plan)
 
     return open_backend

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -280,15 +280,24 @@ def predict_fields(parts: List[Part], body: Union[bytes, bytearray]) -> Tuple[by
 
 
 async def read_predict_upload(
-    receive: Receive, headers: Any, limits: BodyLimits, hold: Optional[BodyHold] = None
+    receive: Receive, headers: Any, limits: BodyLimits, hold: Optional[BodyHold] = None, roi_params: Sequence[str] = ()
 ) -> Tuple[bytes, Optional[str]]:
-    """The picture and optional ROI of ``POST /v1/predict``: multipart/form-data, read in memory."""
+    """The picture and optional ROI of ``POST /v1/predict``, read in memory.
+
+    Either multipart/form-data (an ``image`` file and an optional ``roi`` field) or the picture
+    itself as the whole body (``Content-Type: image/*``) with the ROI in ``roi_params`` (the
+    ``roi`` query parameter): no multipart parsing (docs/benchmarks.md measures both).
+    """
     declared = declared_length(headers)
     if declared is not None and declared > limits.max_bytes:
         raise PayloadTooLarge("the request body is {} bytes; at most {} are accepted".format(declared, limits.max_bytes))
     kind, options = media_type(headers.get("content-type", ""))
+    if kind.startswith("image/"):
+        if len(roi_params) > 1:
+            raise InvalidRequest("send at most one 'roi' parameter, got {}".format(len(roi_params)))
+        return bytes(await read_body(receive, limits, declared, hold)), (roi_params[0] if roi_params else None)
     if kind != "multipart/form-data":
-        raise InvalidRequest("send multipart/form-data with a file field named 'image'")
+        raise InvalidRequest("send multipart/form-data with a file field named 'image', or the picture itself with an image/* Content-Type")
     boundary = options.get("boundary")
     if not boundary:
         raise InvalidRequest("the multipart/form-data content type has no boundary")

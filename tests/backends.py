@@ -28,7 +28,14 @@ class InstrumentedBackend(InferenceBackend):
         self.batch_sizes: List[int] = []
         self.closed = False
         self.held = 0  # calls waiting at the gate now
+        self.waiting_seen: List[int] = []  # set_waiting values, one per call
 
+    def set_waiting(self, waiting: int) -> None:
+        self.waiting_seen.append(waiting)
+        self.inner.set_waiting(waiting)
+
+    def warm_up(self, image_shape: tuple) -> None:
+        self.inner.warm_up(image_shape)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if self.gate is not None:

@@ -7,9 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
-import onnx
-
-from engine_build.quantization.graph import quantization_metadata
 from service.errors import EngineError
 from service.model_info import ModelInfo
 
@@ -27,6 +24,12 @@ def check_int8_artifact(artifact: Path, model: ModelInfo) -> Dict[str, Any]:
             "no calibrated INT8 model {} for {}; make it with `python build_engines.py quantize --model {} "
             "--calibration-dir DIR` (or pass --int8-model)".format(artifact, model.path, model.path)
         )
+    # Imported here: the server imports this module (through the backend registry) but never builds,
+    # and onnx costs it ~16 MB of memory (docs/benchmarks.md, memory).
+    import onnx
+
+    from engine_build.quantization.graph import quantization_metadata
+
     meta = quantization_metadata(onnx.load(str(artifact), load_external_data=False))
     if meta.get("precision") != "int8":
         raise EngineError("{} is not an INT8 Q/DQ model made by build_engines.py quantize".format(artifact))

@@ -25,6 +25,15 @@ class InferenceBackend(abc.ABC):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """``batch`` is N x 3 x S x S float32; returns N anemia probabilities (float32)."""
 
+    def set_waiting(self, waiting: int) -> None:
+        """How many other requests are queued or being prepared as the next call starts, from the
+        worker. A backend with a configuration that is faster for one image on an idle box (ONNX
+        Runtime: a pool over every core) uses it only when this is 0; others ignore it."""
+
+    def warm_up(self, image_shape: tuple) -> None:
+        """Called once on the worker thread before serving, with one image's C x H x W shape: a
+        backend may run and time its configurations here. The batcher does its own timing after."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release sessions, buffers and contexts; safe to call twice."""

@@ -1,17 +1,37 @@
-"""ONNX Runtime on the CPU: the embedded default that runs on every machine."""
+"""ONNX Runtime on the CPU: the embedded default that runs on every machine.
+
+Two sessions on one engine file when the thread plan (:mod:`service.thread_budget`) gives a lone
+request more threads than a loaded server can afford: the *load* session (few threads, no
+spinning) runs whenever other requests wait, the *idle* session (every core) when none do. The
+micro-batching worker says which before each call (:meth:`set_waiting`); warm-up
+(:meth:`warm_up`) keeps the idle session only if it measures faster.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnxruntime as ort
 
 from service.model_info import INPUT_NAME, OUTPUT_NAME
 from service.runtime.base import InferenceBackend
+from service.thread_budget import IDLE_SESSION_PAYS_RATIO, ThreadPlan
 
 BACKEND_NAME = "onnxruntime"
+#: Interleaved timed blocks per session at warm-up, and calls per block.
+WARMUP_ROUNDS = 5
+WARMUP_CALLS_PER_BLOCK = 4
+#: The idle session keeps ONNX Runtime's CPU arena: with two threads, batch 1 took 3.42 ms with it
+#: and 5.27 ms without (INT8, idle 2-core EPYC, docs/benchmarks.md); it only ever runs one image,
+#: so the arena cannot grow with warm-up's batches. The load session (1 thread: 5.13 vs 5.15 ms)
+#: goes without, as its arena would keep warm-up's batch-8 high-water mark (+177 MB).
+IDLE_SESSION_ARENA = True
+
+logger = logging.getLogger("service.runtime.onnxruntime")
 
 
 def device_name() -> str:
@@ -22,7 +42,7 @@ def tool_version() -> str:
     return str(ort.__version__)
 
 
-def session_options(intra_op_threads: int = 0, spinning: bool = True) -> ort.SessionOptions:
+def session_options(intra_op_threads: int = 0, spinning: bool = True, memory_arena: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -31,9 +51,15 @@ def session_options(intra_op_threads: int = 0, spinning: bool = True) -> ort.Ses
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = 3
+    # The CPU arena keeps the high-water mark of every shape it has run: after warm-up's batch 8
+    # that is ~177 MB more (INT8 MobileNetV2) that a batch-1 server never uses again. Without it,
+    # the memory pattern still plans one block per run and glibc reuses the freed blocks, at no
+    # measurable cost per call on one thread (on two it costs, see IDLE_SESSION_ARENA).
+    options.enable_cpu_mem_arena = memory_arena
+    options.enable_mem_pattern = True
     if not spinning:
-        # Idle intra-op threads spin for a while after each run; on a box whose cores also decode,
-        # preprocess and serve HTTP, that spinning takes the CPU from them (see docs/benchmarks.md).
+        # Idle intra-op threads spin for a while after each parallel section; on a box whose cores
+        # also decode, preprocess and serve HTTP, that spinning takes the CPU from them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
@@ -41,20 +67,95 @@ def session_options(intra_op_threads: int = 0, spinning: bool = True) -> ort.Ses
 class OnnxRuntimeBackend(InferenceBackend):
     name = BACKEND_NAME
 
-    def __init__(self, engine_path: Path, precision: str, intra_op_threads: int = 0, spinning: bool = True) -> None:
+    def __init__(
+        self,
+        engine_path: Path,
+        precision: str,
+        intra_op_threads: int = 0,
+        spinning: bool = True,
+        plan: Optional[ThreadPlan] = None,
+    ) -> None:
+        """``plan`` (from :func:`service.thread_budget.plan_threads`) wins over the two counts,
+        which remain for callers outside the server (evaluation, one session, as given)."""
         self.precision = precision
         self.engine_path = Path(engine_path)
-        self._session: Optional[ort.InferenceSession] = ort.InferenceSession(
-            str(self.engine_path), sess_options=session_options(intra_op_threads, spinning), providers=["CPUExecutionProvider"]
+        self.plan = plan
+        load_threads, load_spin = (plan.load_intra_op_threads, plan.load_spinning) if plan else (intra_op_threads, spinning)
+        self._load: Optional[ort.InferenceSession] = self._open(load_threads, load_spin)
+        self._idle: Optional[ort.InferenceSession] = None
+        if plan is not None and plan.two_sessions:
+            # The idle session only ever runs one image, so its arena never grows past batch 1.
+            self._idle = self._open(plan.idle_intra_op_threads, plan.idle_spinning, IDLE_SESSION_ARENA)
+        self._waiting = 0
+        self.calls: Dict[str, int] = {"load": 0, "idle": 0}
+        self._input_dtype = np.float16 if self._load.get_inputs()[0].type == "tensor(float16)" else np.float32
+
+    def _open(self, threads: int, spinning: bool, memory_arena: bool = False) -> ort.InferenceSession:
+        return ort.InferenceSession(
+            str(self.engine_path),
+            sess_options=session_options(threads, spinning, memory_arena),
+            providers=["CPUExecutionProvider"],
         )
-        self._input_dtype = np.float16 if self._session.get_inputs()[0].type == "tensor(float16)" else np.float32
+
+    @property
+    def _session(self) -> Optional[ort.InferenceSession]:
+        """The load session (the only one when the plan has one)."""
+        return self._load
+
+    @property
+    def sessions(self) -> List[str]:
+        return ["load"] + (["idle"] if self._idle is not None else [])
+
+    def set_waiting(self, waiting: int) -> None:
+        self._waiting = waiting
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        if self._session is None:
+        if self._load is None:
             raise RuntimeError("the ONNX Runtime session is closed")
+        # A lone single image on an idle box gets every core; anything else, the load session.
+        use_idle = self._idle is not None and self._waiting == 0 and len(batch) == 1
+        session = self._idle if use_idle else self._load
+        assert session is not None
+        self.calls["idle" if use_idle else "load"] += 1
         feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=self._input_dtype)}
-        (probabilities,) = self._session.run([OUTPUT_NAME], feed)
+        (probabilities,) = session.run([OUTPUT_NAME], feed)
         return np.asarray(probabilities, dtype=np.float32).reshape(len(batch))
 
+    def warm_up(self, image_shape: tuple) -> None:
+        """Time one image on each session, interleaved; keep the idle session only if its median
+        block is at least ``1 - IDLE_SESSION_PAYS_RATIO`` faster. Records the decision in the plan."""
+        if self._load is None:
+            return
+        tensor: np.ndarray = np.zeros((1,) + tuple(image_shape), dtype=self._input_dtype)
+        sessions = {"load": self._load}
+        if self._idle is not None:
+            sessions["idle"] = self._idle
+        for session in sessions.values():
+            session.run([OUTPUT_NAME], {INPUT_NAME: tensor})  # first call: allocations, kernels
+        if self._idle is None:
+            if self.plan is not None:
+                self.plan.idle_session = False
+            return
+        blocks: Dict[str, List[float]] = {name: [] for name in sessions}
+        for _ in range(WARMUP_ROUNDS):
+            for name, session in sessions.items():
+                session.run([OUTPUT_NAME], {INPUT_NAME: tensor})
+                started = time.perf_counter()
+                for _ in range(WARMUP_CALLS_PER_BLOCK):
+                    session.run([OUTPUT_NAME], {INPUT_NAME: tensor})
+                blocks[name].append((time.perf_counter() - started) / WARMUP_CALLS_PER_BLOCK)
+        ms = {name: round(float(np.median(values)) * 1000.0, 3) for name, values in blocks.items()}
+        keep = ms["idle"] <= IDLE_SESSION_PAYS_RATIO * ms["load"]
+        if not keep:
+            self._idle = None  # its threads and memory go with it
+        if self.plan is not None:
+            self.plan.idle_session = keep
+            self.plan.warmup_ms = {"load_session_ms": ms["load"], "idle_session_ms": ms["idle"]}
+        logger.info(
+            "idle session {}".format("kept" if keep else "dropped"),
+            extra={"load_session_ms": ms["load"], "idle_session_ms": ms["idle"]},
+        )
+
     def close(self) -> None:
-        self._session = None
+        self._load = None
+        self._idle = None

@@ -8,6 +8,7 @@ whose arithmetic is known by hand comes out exactly.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,68 @@ def test_edge_attacks_smoke(model_path: Path, tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [row["attack"] for row in rows] == ["slow-bodies", "header-flood"]
     assert all(row["holds"] and row["predict_200"] == 2 for row in rows)
+
+
+WRK_OUTPUT = """Running 15s test @ http://127.0.0.1:8000
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    52.10ms   10.02ms 120.33ms   70.00%
+    Req/Sec   307.12     20.11   350.00     68.00%
+  Latency Distribution
+     50%   51.20ms
+     75%   57.00ms
+     90%    1.20s
+     99%  850.00us
+  4601 requests in 15.02s, 1.90MB read
+  Socket errors: connect 0, read 1, write 0, timeout 2
+  Non-2xx or 3xx responses: 7
+Requests/sec:    306.33
+Transfer/sec:    129.70KB
+"""
+
+
+def test_wrk_report_is_parsed() -> None:
+    from benchmarks.wrk_load import parse_wrk
+
+    parsed = parse_wrk(WRK_OUTPUT)
+    assert parsed["throughput_rps"] == pytest.approx(306.33) and parsed["requests"] == 4601
+    assert parsed["wall_seconds"] == pytest.approx(15.02)
+    assert (parsed["p50_ms"], parsed["p90_ms"], parsed["p99_ms"]) == (pytest.approx(51.2), pytest.approx(1200.0), pytest.approx(0.85))
+    assert parsed["non_2xx"] == 7 and parsed["socket_errors"] == 3
+
+
+def test_profile_budget_splits_thread_cpu_by_stage_samples() -> None:
+    import collections
+
+    from benchmarks.profile_stages import budget, classify
+
+    assert classify(["run (uvicorn/main.py:1)", "prepare_request (service/app.py:2)", "decode_image (service/preprocess.py:3)"]) == "decode"
+    assert classify(["Thread.run", "MicroBatcher._infer (service/batching.py:1)", "Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:406)"]) == "engine"
+    names = {1: "MainThread", 2: "inference"}
+    samples = {1: collections.Counter({"HTTP": 3, "JSON": 1}), 2: collections.Counter({"engine": 1})}
+    result = budget({1: 0.4, 2: 0.3, 3: 0.1}, names, samples, requests=100)  # thread 3: no Python frames
+    assert result["cpu_ms_per_request"] == pytest.approx(8.0)
+    assert result["cpu_ms_per_request_by_stage"] == {"HTTP": pytest.approx(3.0), "engine": pytest.approx(4.0), "JSON": pytest.approx(1.0)}
+    assert result["cpu_ms_per_request_by_thread"]["ONNX Runtime pool"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package 'wrk'; .ci/run installs it)")
+def test_wrk_smoke_ours_and_plain(bench_model: Path, bench_images: Path, tmp_path: Path) -> None:
+    run_script(
+        "benchmarks.wrk_load",
+        ["--smoke", "--servers", "ours,ours-raw,plain-engine", "--precision", "fp32", "--concurrency", "1,4", "--model", str(bench_model),
+         "--engine-dir", str(bench_model.parent / "engines"), "--images", str(bench_images), "--out-dir", str(tmp_path)],
+        timeout_seconds=180.0,
+    )
+    report = json.loads((tmp_path / "wrk.json").read_text())
+    assert set(report["servers"]) == {"ours", "ours-raw", "plain-engine"}
+    for name, result in report["servers"].items():
+        assert [level["concurrency"] for level in result["levels"]] == [1, 4], name
+        for level in result["levels"]:
+            assert level["requests"] > 0 and level["non_2xx"] == 0 and level["socket_errors"] == 0, (name, level["wrk_output"])
+            assert level["server_cpu_ms_per_request"] > 0
+        assert result["rss_after_warmup_bytes"] > 0
+    assert report["servers"]["ours"]["model"]["threads"]["sources"]["intra_op_threads"] == "machine"
+    assert report["servers"]["ours"]["levels"][0]["stages"]["inference_mean_ms"] > 0
+    assert report["servers"]["ours-raw"]["overhead"]["requests"] == 5 and report["servers"]["ours"]["overhead"]["overhead_p50_ms"] > 0

@@ -135,6 +135,30 @@ def test_model_endpoint_shows_metadata_and_engine(client: Any, make_settings: Ca
     assert body["metadata"]["preprocess.mean"] == [127.5, 127.5, 127.5]
 
 
+def test_model_endpoint_says_how_the_cores_are_split(make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import thread_budget
+
+    monkeypatch.setattr(thread_budget.os, "sched_getaffinity", lambda pid: {0, 1})
+    with TestClient(create_app(make_settings(preprocess_threads=3))) as client:
+        wait_ready(client)
+        threads = ModelDescription.model_validate(client.get("/v1/model").json()).threads
+        assert threads is not None and threads.cores == 2 and threads.engine == "cpu"
+        assert (threads.load_intra_op_threads, threads.idle_intra_op_threads, threads.preprocess_threads) == (1, 2, 3)
+        assert threads.sources["preprocess_threads"] == "ANEMIA_PREPROCESS_THREADS"
+        assert threads.sources["intra_op_threads"] == "machine"
+        # warm-up timed both sessions and decided
+        assert threads.idle_session in (True, False) and set(threads.warmup_ms) == {"load_session_ms", "idle_session_ms"}
+        assert client.app.state.svc.executor._max_workers == 3
+
+
+def test_the_worker_tells_the_backend_how_many_requests_wait(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
+    app, holder = instrumented_app(make_settings())
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert post_image(client, crop_png).status_code == 200
+    assert holder["backend"].waiting_seen[-1] == 0  # a lone request: nothing queued or being prepared
+
+
 def test_model_endpoint_says_no_operating_point_is_known_for_a_model_without_one(client: Any) -> None:
     body = client.get("/v1/model").json()
     ModelDescription.model_validate(body)
@@ -532,7 +556,9 @@ def test_prepare_request_matches_preprocess_roi_and_times_both_stages(make_setti
         prepare_request(b"not an image", "{oops", spec, limits)
 
 
-def test_a_prediction_takes_one_thread_pool_hop(client: Any, crop_png: bytes) -> None:
+def test_a_prediction_takes_at_most_one_thread_pool_hop(client: Any, crop_png: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.app as app_module
+
     state: ServiceState = client.app.state.svc
     hops: List[str] = []
     original = state.run_blocking
@@ -543,7 +569,34 @@ def test_a_prediction_takes_one_thread_pool_hop(client: Any, crop_png: bytes) ->
 
     state.run_blocking = counting  # type: ignore[method-assign]
     try:
+        # alone with a small picture: prepared on the event loop, no hop
+        assert post_image(client, crop_png).status_code == 200
+        assert hops == []
+        # a picture over the inline limit (or company) goes to the pool: one hop
+        monkeypatch.setattr(app_module, "INLINE_PREPARE_MAX_BYTES", len(crop_png) - 1)
         assert post_image(client, crop_png).status_code == 200
     finally:
         state.run_blocking = original  # type: ignore[method-assign]
     assert hops == ["prepare_request"]
+
+
+def test_the_picture_can_be_the_whole_body(client: Any, crop_png: bytes, photo_jpeg: bytes) -> None:
+    multipart = post_image(client, crop_png).json()
+    raw = client.post("/v1/predict", content=crop_png, headers={"Content-Type": "image/png"})
+    assert raw.status_code == 200, raw.text
+    assert raw.json()["anemia_probability"] == multipart["anemia_probability"]
+    assert raw.json()["roi"] == multipart["roi"]
+    with_roi = client.post("/v1/predict", params={"roi": POLYGON}, content=photo_jpeg, headers={"Content-Type": "Image/JPEG"})
+    assert with_roi.status_code == 200 and with_roi.json()["roi"]["source"] == "polygon"
+    assert with_roi.json()["anemia_probability"] == post_image(client, photo_jpeg, roi=POLYGON).json()["anemia_probability"]
+    garbage = client.post("/v1/predict", content=b"not a picture", headers={"Content-Type": "image/png"})
+    assert garbage.status_code == 415 and garbage.json()["error"]["code"] == "unsupported_image"
+    two = client.post("/v1/predict?roi=%7B%7D&roi=%7B%7D", content=crop_png, headers={"Content-Type": "image/png"})
+    assert two.status_code == 422 and "at most one" in two.json()["error"]["message"]
+
+
+def test_a_raw_body_over_the_limit_is_refused(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(max_upload_bytes=1000))) as client:
+        wait_ready(client)
+        response = client.post("/v1/predict", content=b"\x89PNG" + b"\0" * 5000, headers={"Content-Type": "image/png"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"

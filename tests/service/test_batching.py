@@ -298,3 +298,39 @@ def test_auto_times_each_shape_in_steady_state_not_right_after_the_other() -> No
     batcher.stop()
     assert batcher.batch_limit == 1
     assert batcher.warmup_ms_per_image[1] < 1.5
+
+
+def test_each_call_is_told_how_many_requests_wait_behind_it() -> None:
+    class Recording(MeanBackend):
+        def __init__(self) -> None:
+            super().__init__(delay_seconds=0.02)
+            self.waiting: List[int] = []
+            self.warm_shapes: List[tuple] = []
+
+        def set_waiting(self, waiting: int) -> None:
+            self.waiting.append(waiting)
+
+        def warm_up(self, image_shape: tuple) -> None:
+            self.warm_shapes.append(image_shape)
+
+    backend = Recording()
+    preparing = {"count": 2}
+    batcher = started(backend, max_batch=1, queue_size=32, incoming=lambda: preparing["count"])
+    assert backend.warm_shapes == [(1, 2, 2)]
+    warm_calls = len(backend.waiting)
+    futures = [batcher.submit_nowait(tensor(i / 10)) for i in range(4)]
+    [f.result(5) for f in futures]
+    preparing["count"] = 0
+    batcher.submit_nowait(tensor(0.5)).result(5)
+    batcher.stop()
+    seen = backend.waiting[warm_calls:]
+    # the first calls see the queue behind them plus the two being prepared; the lone last one sees none
+    assert seen[0] >= 2 and seen[-1] == 0
+
+
+def test_freed_warm_up_memory_is_handed_back_where_glibc_allows() -> None:
+    import ctypes.util
+
+    from service.batching import release_freed_memory
+
+    assert release_freed_memory() is (ctypes.util.find_library("c") is not None)

@@ -4,6 +4,9 @@ import json
 import math
 
 import numpy as np
+from typing import Optional
+
+import cv2
 import pytest
 
 from service.errors import ImageTooLarge, InvalidRoi, UnsupportedImage
@@ -237,3 +240,58 @@ def test_one_pass_normalization_equals_the_step_by_step_formula(spec: Preprocess
     for width, height in ((228, 88), (700, 10), (50, 50), (320, 240)):
         crop = rgb_photo(width, height, seed=width).astype(np.float32)
         assert np.array_equal(normalized_chw(crop, spec), _reference_tensor(crop, spec))
+
+
+def smooth_photo(width: int, height: int) -> np.ndarray:
+    """A camera-like picture: low-frequency content, a little noise (JPEG-friendly)."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, size=(max(2, height // 50), max(2, width // 50), 3), dtype=np.uint8)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def test_reduction_factor_keeps_twice_the_input_size_of_the_roi() -> None:
+    from service.preprocess import Roi, jpeg_reduction
+
+    assert jpeg_reduction(4000, 3000, None, 224) == 4  # 4000 / 4 = 1000 >= 4 x 224, 500 is not
+    assert jpeg_reduction(1800, 1200, None, 224) == 2  # 900 >= 896
+    assert jpeg_reduction(1600, 1200, None, 224) == 1
+    assert jpeg_reduction(4000, 3000, Roi(bbox=(0, 0, 2000, 300)), 224) == 2
+    polygon = np.array([[100.0, 100.0], [2100.0, 120.0], [1000.0, 300.0], [-1e9, 5.0]])  # far vertex clipped to the image
+    assert jpeg_reduction(4000, 3000, Roi(polygon=polygon), 224) == 2
+    assert jpeg_reduction(4000, 3000, None, 0) == 1  # no target: full decode
+
+
+@pytest.mark.parametrize("roi_text", [None, '{"bbox": [400, 500, 1800, 700]}', '{"polygon": [[300, 400], [2300, 450], [2200, 1300], [350, 1200]]}'])
+def test_a_large_jpeg_is_decoded_reduced_with_the_roi_in_upload_pixels(roi_text: Optional[str]) -> None:
+    import service.preprocess as pp
+
+    data = encode(smooth_photo(3200, 2400), ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95])
+    roi = parse_roi_json(roi_text)
+    spec = PreprocessSpec()
+    assert pp.decode_image(data, roi=roi, target_size=spec.input_size).scale == 2
+    reduced = preprocess_roi(data, roi, spec)
+    full = pp.preprocess_decoded(pp.decode_image(data), roi, spec)  # no target size: full decode
+    assert reduced.image_size == full.image_size == (3200, 2400)
+    # the bbox and pixel count are reported in the upload's pixels, within one reduced pixel
+    assert all(abs(a - b) <= 2 for a, b in zip(reduced.roi_bbox, full.roi_bbox)), (reduced.roi_bbox, full.roi_bbox)
+    assert abs(reduced.roi_pixels - full.roi_pixels) <= 0.02 * full.roi_pixels
+    # In normalized units (range 2). A polygon's edge is drawn on the reduced grid, still over 2
+    # pixels per model pixel: the few edge pixels that flip between fill and picture dominate.
+    difference = np.abs(reduced.tensor - full.tensor)
+    assert float(difference.mean()) < 0.02 and float(np.percentile(difference, 95)) < 0.05
+
+
+def test_reduced_decode_still_honours_exif_orientation() -> None:
+    import service.preprocess as pp
+
+    image = smooth_photo(3600, 1200)
+    image[:, :900] = (255, 0, 0)  # left quarter red
+    jpeg = with_exif_orientation(encode(image, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95]), 6)  # shown rotated 90 degrees clockwise
+    decoded = pp.decode_image(jpeg, target_size=224)
+    assert decoded.scale == 4 and decoded.upload_size == (1200, 3600)
+    assert decoded.rgb.shape[:2] == (900, 300)
+    top = decoded.rgb[:100].reshape(-1, 3).mean(axis=0)  # the left edge is now on top
+    assert top[0] > 200 and top[1] < 60 and top[2] < 60
+    assert preprocess_roi(jpeg, None, PreprocessSpec()).image_size == (1200, 3600)

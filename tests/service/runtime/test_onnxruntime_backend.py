@@ -38,3 +38,55 @@ def test_settings_decide_whether_idle_threads_spin(make_settings: Callable[..., 
 def test_spinning_setting_reads_the_environment(make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANEMIA_INTRA_OP_SPINNING", "false")
     assert make_settings().intra_op_spinning is False
+
+
+def two_session_backend(settings: Settings) -> OnnxRuntimeBackend:
+    from service.thread_budget import plan_threads
+
+    plan = plan_threads(settings, engine="cpu", cores=2)
+    model = ModelInfo.from_onnx(settings.model)
+    backend = backend_factory(settings, resolve_engine(settings, model), plan)()
+    assert isinstance(backend, OnnxRuntimeBackend)
+    return backend
+
+
+def test_a_lone_image_runs_on_the_idle_session_anything_else_on_the_load_session(make_settings: Callable[..., Settings]) -> None:
+    backend = two_session_backend(make_settings())
+    try:
+        assert backend.sessions == ["load", "idle"]
+        assert backend._load.get_session_options().intra_op_num_threads == 1  # type: ignore[union-attr]
+        assert backend._load.get_session_options().get_session_config_entry(SPINNING_KEY) == "0"  # type: ignore[union-attr]
+        assert backend._idle.get_session_options().intra_op_num_threads == 2  # type: ignore[union-attr]
+        image = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+        backend.set_waiting(0)
+        alone = backend.infer(image)
+        assert backend.calls == {"load": 0, "idle": 1}
+        backend.set_waiting(3)
+        loaded = backend.infer(image)
+        assert backend.calls == {"load": 1, "idle": 1}
+        backend.set_waiting(0)
+        backend.infer(np.concatenate([image, image]))  # a batch is load work even when nothing waits
+        assert backend.calls == {"load": 2, "idle": 1}
+        np.testing.assert_allclose(alone, loaded, rtol=1e-5, atol=1e-6)
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("ratio, kept", [(0.0, False), (1e9, True)])
+def test_warm_up_keeps_the_idle_session_only_when_it_is_faster(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, ratio: float, kept: bool
+) -> None:
+    from service.runtime import onnxruntime_backend
+
+    monkeypatch.setattr(onnxruntime_backend, "IDLE_SESSION_PAYS_RATIO", ratio)
+    backend = two_session_backend(make_settings())
+    try:
+        backend.warm_up((3, 224, 224))
+        assert backend.plan is not None and backend.plan.idle_session is kept
+        assert set(backend.plan.warmup_ms) == {"load_session_ms", "idle_session_ms"}
+        assert backend.sessions == (["load", "idle"] if kept else ["load"])
+        backend.set_waiting(0)
+        backend.infer(np.zeros((1, 3, 224, 224), np.float32))
+        assert backend.calls["idle" if kept else "load"] == 1
+    finally:
+        backend.close()
