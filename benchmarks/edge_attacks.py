@@ -106,6 +106,20 @@ def _connect(port: int, timeout_s: float = 5.0) -> socket.socket:
     return sock
 
 
+def _drop_closed(sockets: List[socket.socket]) -> None:
+    """Remove (and close) the sockets the server has answered or closed; keep the silent ones."""
+    for sock in list(sockets):
+        sock.setblocking(False)
+        try:
+            sock.recv(65536)
+        except BlockingIOError:
+            continue
+        except OSError:
+            pass
+        sock.close()
+        sockets.remove(sock)
+
+
 def _close_all(sockets: List[socket.socket]) -> None:
     for sock in sockets:
         try:
@@ -126,16 +140,7 @@ def slow_bodies(port: int, stop: threading.Event) -> None:
                 sockets.append(sock)
             except OSError:
                 break
-        for sock in list(sockets):  # answered or closed by the server: replace it
-            sock.setblocking(False)
-            try:
-                sock.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                pass
-            sock.close()
-            sockets.remove(sock)
+        _drop_closed(sockets)  # answered or closed by the server: replace it
         stop.wait(0.2)
     _close_all(sockets)
 
@@ -208,17 +213,7 @@ def idle_sockets(port: int, stop: threading.Event) -> None:
                 sockets.append(_connect(port, timeout_s=1.0))
             except OSError:
                 break
-        # Drop what the server closed, so the pressure stays at 1100.
-        for sock in list(sockets):
-            sock.setblocking(False)
-            try:
-                sock.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                pass
-            sock.close()
-            sockets.remove(sock)
+        _drop_closed(sockets)  # so the pressure stays at 1100
         stop.wait(0.5)
     _close_all(sockets)
 
