@@ -79,7 +79,6 @@ def layer_drift(fp32_path: Path, int8_path: Path, inputs: np.ndarray, batch: int
     noise = np.zeros(len(names))
     shift = np.zeros(len(names))
     total = np.zeros(len(names))
-    total_sq = np.zeros(len(names))
     count = np.zeros(len(names))
     probs: List[List[np.ndarray]] = [[], []]
     for start in range(0, len(inputs), batch):
@@ -94,10 +93,9 @@ def layer_drift(fp32_path: Path, int8_path: Path, inputs: np.ndarray, batch: int
             noise[i] += float(np.sum((q - f) ** 2))
             shift[i] += float(np.sum(q - f))
             total[i] += float(np.sum(f))
-            total_sq[i] += float(np.sum(f * f))
             count[i] += f.size
     mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-30))
+    std = np.sqrt(np.maximum(signal / count - mean * mean, 1e-30))  # signal: the sum of squares
     layers = [
         LayerDrift(
             tensor=name,

@@ -312,12 +312,12 @@ def _machine(backend_name: str = "onnxruntime") -> str:
         backend.tool_version(), platform.python_version())
 
 
-def operating_point_thresholds(report_path: Path) -> Dict[Any, float]:
-    """Per fold, the uncalibrated threshold the served operating point was chosen with (the calibration report)."""
+def operating_point_thresholds(report_path: Path) -> Tuple[Dict[int, float], float]:
+    """Per fold, the uncalibrated threshold the served operating point was chosen with, and the
+    target sensitivity it was chosen for (the calibration report)."""
     report = json.loads(Path(report_path).read_text())
-    thresholds: Dict[Any, float] = {int(row["fold"]): float(row["threshold_uncalibrated"]) for row in report["per_fold"]}
-    thresholds["target"] = float(report["target_sensitivity"])
-    return thresholds
+    per_fold = {int(row["fold"]): float(row["threshold_uncalibrated"]) for row in report["per_fold"]}
+    return per_fold, float(report["target_sensitivity"])
 
 
 def run_oof_evaluation(args: argparse.Namespace, command: str) -> int:
@@ -370,9 +370,9 @@ def run_oof_evaluation(args: argparse.Namespace, command: str) -> int:
         LOG.error("no fold model found (pattern %s)", args.fold_models)
         return 2
     operating_point = getattr(args, "operating_point", None)
-    fold_threshold: Dict[Any, float] = {}
+    target_sensitivity: Optional[float] = None
     if operating_point is not None:
-        fold_threshold = operating_point_thresholds(Path(operating_point))
+        fold_threshold, target_sensitivity = operating_point_thresholds(Path(operating_point))
         missing = [k for k in used_folds if k not in fold_threshold]
         if missing:
             LOG.error("%s has no threshold for folds %s", operating_point, missing)
@@ -400,7 +400,7 @@ def run_oof_evaluation(args: argparse.Namespace, command: str) -> int:
         "out-of-fold on {} images of {} ({} anemic), folds {} of {}".format(len(y), args.data_dir, int(y.sum()), used_folds, len(folds)),
         "each fold's threshold ({}) applies to that fold's FP32 model and its quantized twins".format(
             "its operating-point threshold from {}: target sensitivity {} on its validation split, uncalibrated scale".format(
-                Path(operating_point).name, fold_threshold["target"]) if operating_point is not None else "from its model's metadata"),
+                Path(operating_point).name, target_sensitivity) if operating_point is not None else "from its model's metadata"),
         "intervals resample {}".format("photographs ({} of them, from {})".format(len(set(groups.tolist())), Path(clusters).name)
                                        if groups is not None else "images (no cluster file: too narrow where images are copies)"),
         "INT8/INT4 calibrated on at most {} of the fold's own train+val images (never its test images)".format(args.calibration_limit),

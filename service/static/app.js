@@ -843,17 +843,19 @@
     }
     var figures = "sensitivity " + roundPercent(op.sensitivity) + ", specificity " + roundPercent(op.specificity);
     var where = "Measured on " + [op.measured_on, op.interval].filter(Boolean).join("; ") + ".";
-    var measuredPrecision = "fp32";  // service/model_info.py MEASURED_PRECISION
-    var servedPrecision = body.precision || model.precision;
-    if (!op.applies && servedPrecision && servedPrecision !== measuredPrecision) {
-      return {
-        text: "This server runs the " + servedPrecision.toUpperCase() + " engine; the screen's accuracy was measured for " +
-          measuredPrecision.toUpperCase() + " and may differ for this result.",
-        detail: "Measured for " + measuredPrecision.toUpperCase() + ": " + figures + ". " + where
-      };
-    }
     if (!op.applies) {
+      // The same precedence as service/model_info.py describe_operating_point: an overridden
+      // threshold first, then a precision other than the one the figures were measured with.
       var served = typeof body.threshold === "number" ? body.threshold : model.threshold;
+      var measuredPrecision = "fp32";  // service/model_info.py MEASURED_PRECISION
+      var servedPrecision = body.precision || model.precision;
+      if (served === op.threshold && servedPrecision && servedPrecision !== measuredPrecision) {
+        return {
+          text: "This server runs the " + servedPrecision.toUpperCase() + " engine; the screen's accuracy was measured for " +
+            measuredPrecision.toUpperCase() + " and may differ for this result.",
+          detail: "Measured for " + measuredPrecision.toUpperCase() + ": " + figures + ". " + where
+        };
+      }
       return {
         text: "This server uses its own threshold (" + percent(served) + "), so the screen's measured accuracy does not apply to this result.",
         detail: "Measured at the model's " + percent(op.threshold) + " threshold, not this one: " + figures + ". " + where
