@@ -42,7 +42,7 @@ PRECISION_ORDER = ("fp32", "fp16", "int8", "int4")
 # FLOPs from the graph
 
 
-def count_flops(model_path: Path, input_size: int) -> Dict[str, Any]:
+def count_flops(model_path: Path, chw: Sequence[int]) -> Dict[str, Any]:
     """2 x MACs of every Conv, Gemm and MatMul at batch 1, summed by op type.
 
     The shapes come from running the graph once in ONNX Runtime with every operand exposed as an
@@ -68,7 +68,7 @@ def count_flops(model_path: Path, input_size: int) -> Dict[str, Any]:
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    feed: Dict[str, np.ndarray] = {session.get_inputs()[0].name: np.zeros((1, 3, input_size, input_size), np.float32)}
+    feed: Dict[str, np.ndarray] = {session.get_inputs()[0].name: np.zeros((1,) + tuple(chw), np.float32)}
     shapes: Dict[str, List[int]] = {name: list(value.shape) for name, value in zip(names, session.run(names, feed))}
     shapes.update(initializers)
     by_op: Dict[str, int] = {}
@@ -150,7 +150,7 @@ def measure_gemm(threads: int, n: int, repeats: int) -> Dict[str, Any]:
 # One engine, in a child process (its peak RSS is its own)
 
 
-def load_tensors(images: Optional[Path], count: int, input_size: int, spec: Any) -> np.ndarray:
+def load_tensors(images: Optional[Path], count: int, spec: Any) -> np.ndarray:
     """``count`` real CP-AnemiC tensors (repeated when fewer), else uniform noise in [-1, 1]."""
     if images is not None and images.is_dir():
         from service.preprocess import preprocess_roi
@@ -163,7 +163,7 @@ def load_tensors(images: Optional[Path], count: int, input_size: int, spec: Any)
             reps = -(-count // len(tensors))
             return np.concatenate([tensors] * reps, axis=0)[:count]
     rng = np.random.default_rng(0)
-    return rng.uniform(-1, 1, (count, 3, input_size, input_size)).astype(np.float32)
+    return rng.uniform(-1, 1, (count,) + tuple(spec.chw)).astype(np.float32)
 
 
 def peak_rss_bytes() -> int:
@@ -188,7 +188,7 @@ def bench_engine(args: argparse.Namespace) -> Dict[str, Any]:
         max_batch=max(batches),
     )
     engine = resolve_engine(settings, model)
-    tensors = load_tensors(Path(args.images) if args.images else None, max(batches), model.spec.input_size, model.spec)
+    tensors = load_tensors(Path(args.images) if args.images else None, max(batches), model.spec)
     rss_loaded_inputs_bytes = peak_rss_bytes()
     opened = time.perf_counter()
     backend = backend_factory(settings, engine)()
@@ -424,7 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     engines = built_engines(model_path, engine_dir, backends)
     if not engines:
         parser.error("no engines for {} in {}; run with --build or `python build_engines.py`".format(model_path, engine_dir))
-    flops = count_flops(model_path, model.spec.input_size)
+    flops = count_flops(model_path, model.spec.chw)
     common = ["--threads", str(args.threads)] + (["--smoke"] if args.smoke else [])
     gemm = run_child(["--child-gemm", "--gemm-n", str(args.gemm_n)] + common, args.threads, args.cpus, 600)
     results: List[Dict[str, Any]] = []

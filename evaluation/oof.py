@@ -477,8 +477,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     model = ModelInfo.from_onnx(args.model or DEFAULT_MODEL_PATH)
     engine_dir = Path(args.engine_dir or DEFAULT_ENGINE_DIR)
     manifest = EngineManifest.load(engine_dir)
-    size = model.spec.input_size
-    sample = np.random.default_rng(0).uniform(-1, 1, (32, 3, size, size)).astype(np.float32)
+    sample = np.random.default_rng(0).uniform(-1, 1, (32,) + model.spec.chw).astype(np.float32)
     latency: Dict[str, Dict[str, float]] = {}
     failed = 0
     for precision in args.precision:

@@ -100,7 +100,7 @@ class ServiceState:
             max_batch=settings.max_batch,
             max_wait_seconds=settings.batch_wait_ms / 1000.0,
             queue_size=settings.queue_size,
-            warmup_shape=(3, model.spec.input_size, model.spec.input_size),
+            warmup_shape=model.spec.chw,
             on_batch=lambda size, _seconds: self.metrics.batch_size.observe(size),
             incoming=lambda: self.preparing,
             batching=settings.batching,
@@ -240,7 +240,7 @@ def prepare_request(
     """
     roi = parse_roi_json(roi_text, limits.max_polygon_points)
     t0 = time.perf_counter()
-    decoded = decode_image(data, limits.max_pixels, roi, spec.input_size)
+    decoded = decode_image(data, limits.max_pixels, roi, spec.longer_side)
     t1 = time.perf_counter()
     prepared = preprocess_decoded(decoded, roi, spec, limits)
     return prepared, t1 - t0, time.perf_counter() - t1

@@ -35,15 +35,22 @@ METADATA_PREFIX = "preprocess."
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """How pixels become the model's input; stored in the ONNX model's ``metadata_props``."""
+    """How pixels become the model's input; stored in the ONNX model's ``metadata_props``.
 
-    input_size: int = 224
+    The canvas is ``input_height`` x ``input_size`` (H x W); ``input_height`` 0 means a square
+    ``input_size`` canvas (models exported before rectangular canvases carry no such key). A
+    conjunctiva crop is about 2.6:1, so a canvas such as 96 x 224 keeps its resolution at less than
+    half the pixels, and half the compute, of 224 x 224 letterboxed.
+    """
+
+    input_size: int = 224  # canvas width (and height, unless input_height is set)
     resize_mode: str = "letterbox"
     # In 0..255 RGB, before normalization; the ImageNet weights expect x / 127.5 - 1.
     fill: Tuple[float, float, float] = (127.5, 127.5, 127.5)
     mean: Tuple[float, float, float] = (127.5, 127.5, 127.5)
     std: Tuple[float, float, float] = (127.5, 127.5, 127.5)
     channel_order: str = "RGB"
+    input_height: int = 0
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -52,23 +59,46 @@ class PreprocessSpec:
             raise ValueError("channel_order must be RGB or BGR, got {!r}".format(self.channel_order))
         if self.input_size < 8:
             raise ValueError("input_size must be at least 8, got {}".format(self.input_size))
+        if self.input_height != 0 and self.input_height < 8:
+            raise ValueError("input_height must be 0 (square) or at least 8, got {}".format(self.input_height))
         if any(s <= 0 for s in self.std):
             raise ValueError("std must be positive, got {}".format(self.std))
+
+    @property
+    def height(self) -> int:
+        return self.input_height or self.input_size
+
+    @property
+    def width(self) -> int:
+        return self.input_size
+
+    @property
+    def longer_side(self) -> int:
+        return max(self.height, self.width)
+
+    @property
+    def chw(self) -> Tuple[int, int, int]:
+        """The model's input shape without the batch axis."""
+        return (3, self.height, self.width)
 
     def to_metadata(self) -> Dict[str, str]:
         return {METADATA_PREFIX + key: json.dumps(value) for key, value in asdict(self).items()}
 
     @classmethod
     def from_metadata(cls, props: Mapping[str, str]) -> "PreprocessSpec":
-        missing = [k for k in cls.__dataclass_fields__ if METADATA_PREFIX + k not in props]
+        missing = [k for k in cls.__dataclass_fields__ if METADATA_PREFIX + k not in props and k not in _OPTIONAL_METADATA]
         if missing:
             raise ValueError(
                 "model metadata lacks preprocessing keys: {}".format(", ".join(METADATA_PREFIX + k for k in missing))
             )
-        values = {k: json.loads(props[METADATA_PREFIX + k]) for k in cls.__dataclass_fields__}
+        values = {k: json.loads(props[METADATA_PREFIX + k]) for k in cls.__dataclass_fields__ if METADATA_PREFIX + k in props}
         for key in ("fill", "mean", "std"):
             values[key] = tuple(float(v) for v in values[key])
         return cls(**values)
+
+
+#: Keys added after the first models were exported; a model without them keeps the old meaning.
+_OPTIONAL_METADATA = ("input_height",)
 
 
 @dataclass(frozen=True)
@@ -100,7 +130,7 @@ class DecodedImage:
 
 @dataclass
 class PreprocessResult:
-    tensor: np.ndarray  # 1 x 3 x S x S float32
+    tensor: np.ndarray  # 1 x 3 x H x W float32
     roi_source: str  # alpha | polygon | bbox | full
     roi_bbox: Tuple[int, int, int, int]  # x, y, w, h in the (orientation-corrected) upload
     roi_pixels: int
@@ -451,35 +481,36 @@ def roi_mask(decoded: DecodedImage, roi: Optional[Roi], limits: PreprocessLimits
     return mask, "bbox"
 
 
-def resize_to_fit(image: np.ndarray, size: int, mode: str = "letterbox") -> Tuple[np.ndarray, int, int]:
-    """The image resized for a size x size canvas and its (top, left) offset on it.
+def resize_to_fit(image: np.ndarray, size: int, mode: str = "letterbox", height: int = 0) -> Tuple[np.ndarray, int, int]:
+    """The image resized for a ``height`` x ``size`` canvas (square when ``height`` is 0) and its
+    (top, left) offset on it.
 
     ``letterbox`` keeps the aspect ratio (the rest of the canvas is fill); ``stretch`` fills it.
     """
-    height, width = image.shape[:2]
+    canvas_h, canvas_w = (height or size), size
+    image_h, image_w = image.shape[:2]
     if mode == "stretch":
-        interpolation = cv2.INTER_AREA if width * height > size * size else cv2.INTER_LINEAR
-        return cv2.resize(image, (size, size), interpolation=interpolation), 0, 0
-    scale = size / max(width, height)
-    new_w = max(1, min(size, int(round(width * scale))))
-    new_h = max(1, min(size, int(round(height * scale))))
+        interpolation = cv2.INTER_AREA if image_w * image_h > canvas_w * canvas_h else cv2.INTER_LINEAR
+        return cv2.resize(image, (canvas_w, canvas_h), interpolation=interpolation), 0, 0
+    scale = min(canvas_w / image_w, canvas_h / image_h)
+    new_w = max(1, min(canvas_w, int(round(image_w * scale))))
+    new_h = max(1, min(canvas_h, int(round(image_h * scale))))
     interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
     resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
-    return resized, (size - new_h) // 2, (size - new_w) // 2
+    return resized, (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
 
 
 def normalized_chw(crop: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Resize, pad with the fill, normalize and lay out as 1 x 3 x S x S in one pass.
+    """Resize, pad with the fill, normalize and lay out as 1 x 3 x H x W in one pass.
 
     Each plane is written once, straight into the output: no full-size HWC canvas, transpose
     or copy (three times faster than doing those steps one by one, with the same arithmetic).
     """
-    size = spec.input_size
-    resized, top, left = resize_to_fit(crop, size, spec.resize_mode)
+    resized, top, left = resize_to_fit(crop, spec.width, spec.resize_mode, spec.height)
     new_h, new_w = resized.shape[:2]
     mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
     fill = (np.asarray(spec.fill, np.float32) - mean) / std
-    out = np.empty((1, 3, size, size), np.float32)
+    out = np.empty((1,) + spec.chw, np.float32)
     order = (2, 1, 0) if spec.channel_order == "BGR" else (0, 1, 2)
     for plane_index, channel in enumerate(order):
         plane = out[0, plane_index]
@@ -496,7 +527,7 @@ def preprocess_decoded(
     spec: PreprocessSpec,
     limits: PreprocessLimits = PreprocessLimits(),
 ) -> PreprocessResult:
-    """Mask, crop, letterbox and normalize a decoded image into a 1x3xSxS float32 tensor."""
+    """Mask, crop, letterbox and normalize a decoded image into a 1x3xHxW float32 tensor."""
     scale = decoded.scale
     if scale != 1 and roi is not None:  # the ROI is in upload pixels, the image decoded smaller
         roi = Roi(
@@ -538,4 +569,4 @@ def preprocess_roi(
     limits: PreprocessLimits = PreprocessLimits(),
 ) -> PreprocessResult:
     """Bytes of an uploaded picture (+ optional client ROI) to the model's input tensor."""
-    return preprocess_decoded(decode_image(data, limits.max_pixels, roi, spec.input_size), roi, spec, limits)
+    return preprocess_decoded(decode_image(data, limits.max_pixels, roi, spec.longer_side), roi, spec, limits)

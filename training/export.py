@@ -1,6 +1,6 @@
 """Export a trained model to ONNX with the service's contract and its metadata.
 
-Contract (read by :class:`service.model_info.ModelInfo`): input ``image`` float32 ``[N,3,S,S]``,
+Contract (read by :class:`service.model_info.ModelInfo`): input ``image`` float32 ``[N,3,H,W]``,
 output ``anemia_probability`` float32 ``[N,1]`` with the sigmoid inside, opset 17, dynamic batch;
 ``metadata_props`` holds the preprocessing (``preprocess.*``), ``model_name``, ``model_version``,
 ``threshold``, ``training_data_sha256`` and ``cv_metrics`` (JSON), and where known
@@ -14,7 +14,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -66,7 +66,7 @@ def export_onnx(
     operating = operating_metadata(threshold, operating_point, calibration)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = WithSigmoid(model).eval().float()
-    example = torch.zeros(1, 3, spec.input_size, spec.input_size)
+    example = torch.zeros((1,) + spec.chw)
     with warnings.catch_warnings():
         # The TorchScript exporter gives opset 17 and a plain graph; its deprecation note is noise here.
         warnings.simplefilter("ignore")
@@ -98,7 +98,7 @@ def export_onnx(
     onnx_model.producer_name = "training/export.py"
     onnx.checker.check_model(onnx_model)
     onnx.save(onnx_model, str(path))
-    return check_against_torch(wrapped, path, spec.input_size, check_batch, seed)
+    return check_against_torch(wrapped, path, spec.chw, check_batch, seed)
 
 
 def operating_metadata(
@@ -152,9 +152,9 @@ def simplify_graph(path: Path) -> None:
     onnx.save(simplified, str(path))
 
 
-def check_against_torch(wrapped: nn.Module, path: Path, input_size: int, batch: int = 2, seed: int = 0) -> float:
+def check_against_torch(wrapped: nn.Module, path: Path, chw: Tuple[int, int, int], batch: int = 2, seed: int = 0) -> float:
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, input_size, input_size, generator=generator).clamp(-1, 1)
+    images = torch.randn((batch,) + tuple(chw), generator=generator).clamp(-1, 1)
     with torch.no_grad():
         expected = wrapped(images).numpy()
     options = ort.SessionOptions()

@@ -14,11 +14,14 @@ Two differences matter when the weights come from TensorFlow: TF pads stride-2 c
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from training.colour_head import ColourBranch
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in the paper and torchvision
 INVERTED_RESIDUAL_SETTING: Tuple[Tuple[int, int, int, int], ...] = (
@@ -117,6 +120,7 @@ class MobileNetV2(nn.Module):
         tf_padding: bool = True,
         dropout: float = 0.2,
         setting: Sequence[Tuple[int, int, int, int]] = INVERTED_RESIDUAL_SETTING,
+        colour: Optional["ColourBranch"] = None,
     ) -> None:
         super().__init__()
         in_channels = make_divisible(32 * width_mult)
@@ -130,8 +134,19 @@ class MobileNetV2(nn.Module):
                 in_channels = out_channels
         features.append(ConvBNAct(in_channels, self.last_channels, kernel_size=1))
         self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channels, num_classes))
+        # An optional branch of the same input (training.colour_head.ColourBranch, ``hidden``
+        # features) whose output joins the pooled CNN features before the one final Linear.
+        self.colour = colour
+        extra = colour.hidden if colour is not None else 0
+        # With a colour branch the dropout acts on the CNN features alone: dropping a few of the
+        # branch's features would swing its (already fitted) logit and drown the CNN's gradient.
+        self.cnn_dropout: nn.Module = nn.Dropout(p=dropout) if colour is not None else nn.Identity()
+        self.classifier = nn.Sequential(nn.Dropout(p=0.0 if colour is not None else dropout), nn.Linear(self.last_channels + extra, num_classes))
         self._init_weights()
+        if colour is not None:  # its hidden layer feeds a ReLU: PyTorch's default init, not the head's
+            for module in colour.modules():
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -148,8 +163,15 @@ class MobileNetV2(nn.Module):
         """Global-average-pooled 1280-d features (the frozen-feature baseline uses these)."""
         return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
 
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the final Linear reads: pooled CNN features, then the colour branch's, if any."""
+        pooled = self.pooled_features(x)
+        if self.colour is None:
+            return pooled
+        return torch.cat([self.cnn_dropout(pooled), self.colour(x)], 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pooled_features(x))
+        return self.classifier(self.head_features(x))
 
 
 class WithSigmoid(nn.Module):

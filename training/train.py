@@ -1,14 +1,21 @@
-"""Fine-tune MobileNetV2 on CP-AnemiC: stratified k-fold CV, then a final fit on all images.
+"""Fine-tune MobileNetV2 with an in-graph colour branch on CP-AnemiC: grouped 5-fold CV, then a final fit.
 
 ``python -m training.train`` with its defaults reproduces ``models/MODEL_CARD.md``:
 
-1. Stratified 5-fold CV (seed 42). In each fold a stratified 15% of the training folds is carved
-   out as validation; early stopping (patience 10 on validation F1 at 0.5) and the decision
-   threshold (max F1 on validation) use only it, never the test fold.
-2. The test fold's probabilities form the out-of-fold (OOF) predictions; metrics per fold and
-   pooled, with 95% bootstrap intervals, and subgroups (gender, age band, hospital).
-3. Final model: all images, for the median of the folds' best epoch counts, with the median of
-   the folds' validation thresholds; exported to ONNX with the service's contract.
+1. Five folds grouped by photograph (duplicate clusters, seed 42); in each fold a grouped 15% of
+   the training folds is carved out as validation. Early stopping (patience 10), the best epoch
+   (validation AUC) and the decision threshold (max F1 on validation) use only it, never the test
+   fold.
+2. The model: MobileNetV2 on a 96 x 224 canvas (the crops are about 2.6:1), ImageNet weights,
+   ``features.0..6`` frozen (a feature bank of augmented views), and a colour branch
+   (:mod:`training.colour_head`) whose 22 ROI statistics are computed inside the graph. The
+   branch is fitted first on the training split (``colour_pretrain_steps``), so epoch 0 is the
+   colour model alone; the CNN's epochs must then beat it on validation to be kept.
+3. The test fold's probabilities form the out-of-fold (OOF) predictions; metrics per fold and
+   pooled, with 95% intervals from a bootstrap over photographs, and subgroups.
+4. Final model: all images, the colour branch fitted the same way, then the median of the folds'
+   best epoch counts, with the median of the folds' validation thresholds; exported to ONNX with
+   the service's contract.
 
 Every epoch writes a checkpoint; an interrupted run continues where it stopped when started
 again with the same arguments (``--no-resume`` starts over). Seeds are fixed per fold and epoch,
@@ -37,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from service.preprocess import PreprocessSpec
+from training.colour_head import ColourBranch, colour_statistics
 from training.data import DEFAULT_DATA_DIR, AugmentConfig, Dataset, augment_batch, load_dataset
 from training.duplicates import DEFAULT_OUTPUT as DEFAULT_CLUSTERS
 from training.duplicates import load_clusters
@@ -68,11 +76,26 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-4
     width: float = 1.0
-    input_size: int = 224
+    input_size: int = 224  # canvas width
+    # canvas height; 0: square. 96 x 224 fits the ~2.6:1 crops at 0.26 GFLOPs (224 x 224: 0.60)
+    input_height: int = 96
+    # hidden width of the in-graph colour-statistics branch (training.colour_head); 0: none
+    colour_hidden: int = 64
+    # the colour branch and the final Linear learn this many times faster than the CNN tail
+    # (they start from scratch; the tail starts from ImageNet)
+    head_lr_mult: float = 1.0
+    # early stopping and the best epoch: validation F1 at 0.5 (the study's) or validation AUC
+    select_on: str = "auc"
+    # full-batch Adam steps that fit the colour branch (with a head that ignores the CNN) before
+    # the CNN trains; the CNN then starts from a model that is already the colour model, and the
+    # validation split decides whether its epochs add anything (epoch 0 is a candidate)
+    colour_pretrain_steps: int = 1500
     subset: Optional[int] = None
     pretrained: bool = True
     color_aug: bool = False
-    bf16: bool = True  # autocast for training on CPUs with AMX/AVX512-BF16 (measured ~1.7x, see card)
+    # bf16 autocast: ~1.7x faster on CPUs with AMX/AVX512-BF16 (see card), 27x SLOWER without them
+    # (measured on a 2-core AVX2 EPYC: 6.4 s against 0.23 s per step), so it follows the hardware
+    bf16: bool = field(default_factory=lambda: bf16_is_fast())
     channels_last: bool = True
     threads: int = 2
     # features.0..6 (to 28x28) stay ImageNet and frozen; 7..18 + head train (0 = everything)
@@ -91,7 +114,11 @@ class TrainConfig:
 
     @property
     def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(input_size=self.input_size)
+        return PreprocessSpec(input_size=self.input_size, input_height=self.input_height)
+
+    def __post_init__(self) -> None:
+        if self.select_on not in SELECTION_METRICS:
+            raise ValueError("select_on must be one of {}, got {!r}".format(SELECTION_METRICS, self.select_on))
 
 
 @dataclass
@@ -135,6 +162,7 @@ class Stage:
 
 
 SCHEDULES = ("study", "three-stage")
+SELECTION_METRICS = ("f1", "auc")
 
 
 def schedule_stages(cfg: "TrainConfig") -> List[Stage]:
@@ -159,13 +187,25 @@ def schedule_stages(cfg: "TrainConfig") -> List[Stage]:
 # model and one epoch
 
 
+def bf16_is_fast() -> bool:
+    """True on a GPU and on CPUs with bf16 instructions (AMX or AVX512-BF16); else emulated and slow."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def make_model(cfg: TrainConfig) -> MobileNetV2:
     """The binary MobileNetV2 with the ImageNet backbone (BN still folded) and a fresh head."""
-    model = MobileNetV2(num_classes=1, width_mult=cfg.width, tf_padding=True)
+    colour = ColourBranch(cfg.spec, cfg.colour_hidden) if cfg.colour_hidden else None
+    model = MobileNetV2(num_classes=1, width_mult=cfg.width, tf_padding=True, colour=colour)
     if cfg.pretrained:
         if cfg.width != 1.0:
             raise ValueError("ImageNet weights exist for width 1.0 only; use --no-pretrained with --width")
@@ -173,11 +213,33 @@ def make_model(cfg: TrainConfig) -> MobileNetV2:
     return model
 
 
-def split_model(model: MobileNetV2, train_from: int) -> Tuple[nn.Sequential, nn.Sequential]:
-    """(frozen trunk ``features[:train_from]``, trained tail: the rest + pool + classifier); shared modules."""
-    trunk = model.features[:train_from]
-    tail = nn.Sequential(model.features[train_from:], nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier)
-    return trunk, tail  # type: ignore[return-value]
+class Tail(nn.Module):
+    """What is trained: ``features[train_from:]``, pooling and the head, plus the colour branch.
+
+    It shares its modules with the model it was split from. The colour branch reads statistics of
+    the full input image, which the feature bank precomputes (``FeatureBank.colour``), so the tail
+    takes them beside the trunk's output.
+    """
+
+    def __init__(self, model: MobileNetV2, train_from: int) -> None:
+        super().__init__()
+        self.blocks = model.features[train_from:]
+        self.colour = model.colour
+        self.cnn_dropout = model.cnn_dropout
+        self.head = model.classifier
+
+    def forward(self, x: torch.Tensor, colour_stats: Optional[torch.Tensor] = None) -> torch.Tensor:
+        pooled = torch.flatten(F.adaptive_avg_pool2d(self.blocks(x), 1), 1)
+        if self.colour is not None:
+            if colour_stats is None:
+                raise ValueError("this model has a colour branch: pass the images' colour statistics")
+            pooled = torch.cat([self.cnn_dropout(pooled), self.colour.from_stats(colour_stats)], 1)
+        return self.head(pooled)
+
+
+def split_model(model: MobileNetV2, train_from: int) -> Tuple[nn.Sequential, Tail]:
+    """(frozen trunk ``features[:train_from]``, the trained :class:`Tail`); shared modules."""
+    return model.features[:train_from], Tail(model, train_from)  # type: ignore[return-value]
 
 
 @dataclass
@@ -192,12 +254,19 @@ class FeatureBank:
 
     clean: torch.Tensor  # N x C x H x W
     augmented: Optional[torch.Tensor]  # K x N x C x H x W, or None
+    #: N x S colour statistics of the clean input images (training.colour_head); the geometric
+    #: augmentations move pixels, not colours, so every view of an image shares them.
+    colour: Optional[torch.Tensor] = None
+
+    def colour_of(self, index: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.colour is None else self.colour[index]
 
 
 @torch.no_grad()
 def build_feature_bank(cfg: TrainConfig, data: Dataset) -> FeatureBank:
+    colour = colour_statistics(data.images, cfg.spec) if cfg.colour_hidden else None
     if cfg.train_from == 0:
-        return FeatureBank(clean=data.images, augmented=None)
+        return FeatureBank(clean=data.images, augmented=None, colour=colour)
     key_source = json.dumps(
         [data.sha256, asdict(cfg.spec), cfg.train_from, cfg.bank_views, cfg.seed, cfg.color_aug, cfg.width, cfg.pretrained, Path(cfg.weights).name]
     )
@@ -205,7 +274,7 @@ def build_feature_bank(cfg: TrainConfig, data: Dataset) -> FeatureBank:
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
         LOG.info("feature bank: read %s", cache)
-        return FeatureBank(clean=saved["clean"], augmented=saved["augmented"])
+        return FeatureBank(clean=saved["clean"], augmented=saved["augmented"], colour=colour)
     trunk, _tail = split_model(make_model(cfg), cfg.train_from)
     trunk.eval()
     augment = AugmentConfig(color=cfg.color_aug)
@@ -224,7 +293,7 @@ def build_feature_bank(cfg: TrainConfig, data: Dataset) -> FeatureBank:
     augmented = torch.stack([torch.cat(c) for c in chunks[1:]]) if cfg.bank_views else None
     LOG.info("feature bank: %d images x %d views of %s in %.0f s", n, cfg.bank_views + 1, tuple(clean.shape[1:]), time.time() - started)
     _save_atomic({"clean": clean, "augmented": augmented}, cache)
-    return FeatureBank(clean=clean, augmented=augmented)
+    return FeatureBank(clean=clean, augmented=augmented, colour=colour)
 
 
 def _autocast(cfg: TrainConfig, dev: torch.device) -> Any:
@@ -268,8 +337,9 @@ def train_one_epoch(
         else:
             x = augment_batch(bank.clean[index], augment, generator)
         y = labels[batch].to(dev).float().unsqueeze(1)
+        stats = bank.colour_of(index)
         with _autocast(cfg, dev):
-            logits = tail(_prepare(x, cfg, dev))
+            logits = tail(_prepare(x, cfg, dev), None if stats is None else stats.to(dev))
         loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -280,13 +350,14 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(tail: nn.Module, inputs: torch.Tensor, cfg: TrainConfig, batch_size: int = 64) -> np.ndarray:
+def predict(tail: nn.Module, inputs: torch.Tensor, cfg: TrainConfig, batch_size: int = 64, colour_stats: Optional[torch.Tensor] = None) -> np.ndarray:
     """Probabilities in float32 (no autocast), as the exported model computes them."""
     dev = next(tail.parameters()).device
     tail.eval()
     out = []
     for start in range(0, len(inputs), batch_size):
-        out.append(torch.sigmoid(tail(_prepare(inputs[start : start + batch_size], cfg, dev)).float()).cpu().numpy()[:, 0])
+        stats = None if colour_stats is None else colour_stats[start : start + batch_size].to(dev)
+        out.append(torch.sigmoid(tail(_prepare(inputs[start : start + batch_size], cfg, dev), stats).float()).cpu().numpy()[:, 0])
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -304,14 +375,57 @@ def _write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _trainable(tail: nn.Sequential, stage: Stage) -> List[nn.Parameter]:
-    """Set requires_grad for ``stage`` and return the parameters it trains."""
-    learning = tail[-1] if stage.trains == "head" else tail
+def _trainable(tail: Tail, stage: Stage, cfg: TrainConfig) -> List[Dict[str, Any]]:
+    """Set requires_grad for ``stage`` and return its optimizer parameter groups.
+
+    The head and the colour branch start from scratch, so they may learn ``head_lr_mult`` times
+    faster than the ImageNet-initialised blocks.
+    """
     for parameter in tail.parameters():
         parameter.requires_grad_(False)
-    for parameter in learning.parameters():
+    fresh = list(tail.head.parameters()) + (list(tail.colour.parameters()) if tail.colour is not None else [])
+    blocks = [] if stage.trains == "head" else list(tail.blocks.parameters())
+    for parameter in fresh + blocks:
         parameter.requires_grad_(True)
-    return [p for p in learning.parameters()]
+    groups: List[Dict[str, Any]] = [{"params": fresh, "lr_mult": cfg.head_lr_mult}]
+    if blocks:
+        groups.append({"params": blocks, "lr_mult": 1.0})
+    return groups
+
+
+def pretrain_colour_branch(tail: Tail, stats: torch.Tensor, labels: np.ndarray, weights: np.ndarray, cfg: TrainConfig, seed: int) -> float:
+    """Fit the colour branch and the head's colour part on ``stats``; the CNN part of the head is zeroed.
+
+    Full-batch Adam (lr 1e-3, L2 1e-4 on the weights) for ``cfg.colour_pretrain_steps`` steps,
+    each image weighted by ``weights`` (1 / its photograph's copies, so a photograph counts once).
+    Returns the final weighted training loss.
+    """
+    assert tail.colour is not None
+    torch.manual_seed(seed)
+    colour = tail.colour
+    linear: nn.Linear = tail.head[-1]  # type: ignore[assignment]
+    cnn_width = linear.in_features - colour.hidden
+    probe = nn.Linear(colour.hidden, 1)
+    parameters = list(colour.parameters()) + list(probe.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=1e-3)
+    x = stats.float()
+    y = torch.as_tensor(labels, dtype=torch.float32).unsqueeze(1)
+    w = torch.as_tensor(weights, dtype=torch.float32).unsqueeze(1)
+    w = w / w.sum()
+    colour.train()
+    loss = torch.zeros(())
+    for _step in range(cfg.colour_pretrain_steps):
+        logits = probe(colour.from_stats(x))
+        loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum()
+        penalty = sum((p ** 2).sum() for name, p in list(colour.named_parameters()) + list(probe.named_parameters()) if name.endswith("weight"))
+        optimizer.zero_grad(set_to_none=True)
+        (loss + 1e-4 * penalty).backward()
+        optimizer.step()
+    with torch.no_grad():
+        linear.weight[:, :cnn_width] = 0.0
+        linear.weight[:, cnn_width:] = probe.weight
+        linear.bias.copy_(probe.bias)
+    return float(loss.detach())
 
 
 def fit(
@@ -345,7 +459,14 @@ def fit(
     resuming = cfg.resume and checkpoint.is_file()
     if cfg.pretrained and not resuming:
         # a resumed run overwrites these weights with the checkpoint's, so skip the pass then
-        unfold_batchnorm(tail, bank.clean[train_index[: cfg.calibration_images]])
+        unfold_batchnorm(tail.blocks, bank.clean[train_index[: cfg.calibration_images]])
+    if model.colour is not None and bank.colour is not None and not resuming:
+        model.colour.set_standardization(bank.colour[train_index])
+        if cfg.colour_pretrain_steps:
+            groups_of = cluster_ids(data.image_ids, load_clusters(Path(cfg.clusters)))[train_index.numpy()]
+            _unique, inverse, counts = np.unique(groups_of, return_inverse=True, return_counts=True)
+            loss = pretrain_colour_branch(tail, bank.colour[train_index], data.labels[train_index.numpy()], 1.0 / counts[inverse], cfg, seed)
+            LOG.info("%s: colour branch pre-trained, %d steps, weighted loss %.4f", label, cfg.colour_pretrain_steps, loss)
     model = model.to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -364,6 +485,7 @@ def fit(
         LOG.info("%s: resumed from %s at epoch %d", label, checkpoint, state["epoch"])
     groups = cluster_ids(data.image_ids, load_clusters(Path(cfg.clusters)))
     val_inputs = bank.clean[list(val_idx)] if val_idx is not None else None
+    val_stats = bank.colour_of(torch.as_tensor(list(val_idx), dtype=torch.long)) if val_idx is not None else None
     val_labels = data.labels[list(val_idx)] if val_idx is not None else None
     total = sum(s.max_epochs for s in stages) if validating else sum(stage_epochs or [])
     bar = tqdm(total=total, initial=state["epoch"], desc=label, disable=not cfg.progress, file=sys.stderr)
@@ -374,19 +496,27 @@ def fit(
             checkpoint,
         )
 
+    if validating and state["epoch"] == 0 and cfg.colour_pretrain_steps and model.colour is not None and val_inputs is not None and val_labels is not None:
+        # epoch 0, the colour model alone, is a candidate: the CNN's epochs must beat it on validation
+        probs = predict(tail, val_inputs, cfg, colour_stats=val_stats)
+        val = point_metrics(val_labels, probs, np.full(probs.shape, 0.5))
+        state.update(best_f1=val[cfg.select_on], best_loss=val["loss"], best_epoch=0)
+        best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        LOG.info("%s epoch 0 (colour branch only): val_%s=%.4f val_auc=%.4f", label, cfg.select_on, val[cfg.select_on], val["auc"])
+
     while state["stage"] < len(stages):
         stage = stages[state["stage"]]
         limit = stage.max_epochs if validating else int((stage_epochs or [])[state["stage"]])
-        optimizer = torch.optim.Adam(_trainable(tail, stage), lr=stage.lr)
+        optimizer = torch.optim.Adam(_trainable(tail, stage, cfg), lr=stage.lr)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
             optimizer_state = None
-        frozen = tail[0] if stage.trains == "head" else None
+        frozen = tail.blocks if stage.trains == "head" else None
         while state["stage_epoch"] < limit and (not validating or state["bad_epochs"] < stage.patience):
             epoch, stage_epoch = state["epoch"] + 1, state["stage_epoch"] + 1
             started = time.time()
             for group in optimizer.param_groups:
-                group["lr"] = stage.lr_at(stage_epoch)
+                group["lr"] = stage.lr_at(stage_epoch) * group.get("lr_mult", 1.0)
             tag = "{} ep{}".format(label, epoch)
             # each photograph once per epoch, through a randomly chosen copy of it
             epoch_index = torch.as_tensor(one_per_cluster(train_idx, groups, np.random.default_rng(seed * 1000 + epoch)), dtype=torch.long)
@@ -396,14 +526,16 @@ def fit(
             if len(stages) > 1:
                 record.update({"stage": state["stage"], "lr": stage.lr_at(stage_epoch)})
             if val_inputs is not None and val_labels is not None:
-                probs = predict(tail, val_inputs, cfg)
+                probs = predict(tail, val_inputs, cfg, colour_stats=val_stats)
                 val = point_metrics(val_labels, probs, np.full(probs.shape, 0.5))
                 record.update({"val_loss": val["loss"], "val_f1": val["f1"], "val_acc": val["accuracy"], "val_auc": val["auc"]})
-                improved = val["f1"] > state["best_f1"] + 1e-9 or (
-                    abs(val["f1"] - state["best_f1"]) <= 1e-9 and val["loss"] < state["best_loss"]
+                # "best_f1" holds the selection metric (F1 at 0.5, or AUC with select_on="auc")
+                score = val[cfg.select_on]
+                improved = score > state["best_f1"] + 1e-9 or (
+                    abs(score - state["best_f1"]) <= 1e-9 and val["loss"] < state["best_loss"]
                 )
                 if improved:
-                    state.update(best_f1=val["f1"], best_loss=val["loss"], best_epoch=epoch, bad_epochs=0)
+                    state.update(best_f1=score, best_loss=val["loss"], best_epoch=epoch, bad_epochs=0)
                     state["stage_epochs"][state["stage"]] = stage_epoch
                     best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
@@ -500,9 +632,9 @@ def run_fold(cfg: TrainConfig, data: Dataset, bank: FeatureBank, k: int, fold: D
         return FoldResult(**json.loads(result_path.read_text()))
     started = time.time()
     model, tail, state = fit(cfg, data, bank, fold["train"], fold["val"], None, fold_dir / "checkpoint.pt", cfg.seed + 100 * (k + 1), "fold {}".format(k))
-    val_probs = predict(tail, bank.clean[fold["val"]], cfg)
+    val_probs = predict(tail, bank.clean[fold["val"]], cfg, colour_stats=bank.colour_of(torch.as_tensor(fold["val"], dtype=torch.long)))
     threshold = choose_threshold(data.labels[fold["val"]], val_probs)
-    test_probs = predict(tail, bank.clean[fold["test"]], cfg)
+    test_probs = predict(tail, bank.clean[fold["test"]], cfg, colour_stats=bank.colour_of(torch.as_tensor(fold["test"], dtype=torch.long)))
     result = FoldResult(
         fold=k,
         best_epoch=int(state["best_epoch"]),
@@ -686,11 +818,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--width", type=float, default=d.width, help="width multiplier (tiny models need --no-pretrained)")
-    p.add_argument("--input-size", type=int, default=d.input_size)
+    p.add_argument("--input-size", type=int, default=d.input_size, help="canvas width (and height unless --input-height)")
+    p.add_argument("--input-height", type=int, default=d.input_height, help="canvas height; 0: square. 96 with --input-size 224 fits the 2.6:1 crops")
+    p.add_argument("--colour-hidden", type=int, default=d.colour_hidden, help="width of the in-graph colour-statistics branch; 0: none")
+    p.add_argument("--head-lr-mult", type=float, default=d.head_lr_mult, help="learning-rate multiplier of the head and the colour branch")
+    p.add_argument("--colour-pretrain-steps", type=int, default=d.colour_pretrain_steps, help="full-batch steps fitting the colour branch before the CNN trains (epoch 0 becomes a candidate)")
+    p.add_argument("--select-on", choices=SELECTION_METRICS, default=d.select_on, help="validation metric for early stopping and the best epoch")
     p.add_argument("--subset", type=int, default=None, help="use only N images (tests, smoke runs)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false")
     p.add_argument("--color-aug", action="store_true", help="mild colour jitter inside the ROI")
-    p.add_argument("--fp32", dest="bf16", action="store_false", help="train without bf16 autocast")
+    p.add_argument("--fp32", dest="bf16", action="store_false", default=d.bf16, help="train without bf16 autocast (the default where the CPU has no bf16 instructions)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--train-from", type=int, default=d.train_from, help="first trained features.N block (0 = full fine-tune)")
@@ -704,7 +841,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     return TrainConfig(
         data_dir=a.data_dir, weights=a.weights, run_dir=a.run_dir, cv_dir=a.cv_dir, output=a.output, clusters=a.clusters, version=a.version,
         folds=a.folds, seed=a.seed, max_epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
-        width=a.width, input_size=a.input_size, subset=a.subset, pretrained=a.pretrained, color_aug=a.color_aug,
+        width=a.width, input_size=a.input_size, input_height=a.input_height, colour_hidden=a.colour_hidden,
+        head_lr_mult=a.head_lr_mult, select_on=a.select_on, colour_pretrain_steps=a.colour_pretrain_steps, subset=a.subset, pretrained=a.pretrained, color_aug=a.color_aug,
         bf16=a.bf16, channels_last=a.channels_last, threads=a.threads, train_from=a.train_from, bank_views=a.bank_views, final=a.final, resume=a.resume,
         bootstrap=a.bootstrap, progress=a.progress, schedule=a.schedule,
     )

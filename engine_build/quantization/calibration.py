@@ -45,7 +45,7 @@ def load_tensors(paths: Sequence[Path], spec: PreprocessSpec) -> np.ndarray:
         except PreprocessError as exc:
             raise PreprocessError("calibration image {}: {}".format(path, exc.message)) from None
     if not tensors:
-        return np.zeros((0, 3, spec.input_size, spec.input_size), np.float32)
+        return np.zeros((0,) + spec.chw, np.float32)
     return np.concatenate(tensors, axis=0)
 
 

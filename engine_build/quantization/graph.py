@@ -50,6 +50,52 @@ def weighted_nodes(model: onnx.ModelProto) -> List[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in inits]
 
 
+#: Name scope of the in-graph colour-statistics branch: ``training.colour_head`` is the model's
+#: ``colour`` attribute, which the exporter names ``/model/colour/...``.
+COLOUR_BRANCH_SCOPE = "/colour/"
+
+
+def float_only_nodes(model: onnx.ModelProto) -> List[str]:
+    """The colour-statistics branch and every node it feeds (the head's Concat, Gemm, Sigmoid).
+
+    Every quantizer keeps them in float: the branch's tensors (pixel counts, log-ratios, shares in
+    0..1, standardized statistics) share no scale that one int8 grid per tensor could hold, the
+    head's input mixes them with the CNN's features, and together they are a few thousand
+    multiply-adds of the model's hundreds of millions. Graph order is topological in ONNX.
+    """
+    tainted: set = set()
+    names: List[str] = []
+    for node in model.graph.node:
+        if COLOUR_BRANCH_SCOPE in node.name or any(name in tainted for name in node.input if name):
+            names.append(node.name)
+            tainted.update(node.output)
+    return names
+
+
+def unquantize_branch_inputs(model: onnx.ModelProto) -> int:
+    """Let the colour branch read the float tensors its Q/DQ pairs came from; return how many inputs.
+
+    A quantizer puts one QuantizeLinear/DequantizeLinear pair on a tensor that an int8 layer reads
+    (the input image feeds the int8 stem), and every other reader of that tensor then reads the
+    rounded copy too. The branch's ROI test (a pixel differs from the fill) and its statistics
+    want the exact input, so its nodes are rewired to the pair's source.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    rewired = 0
+    for node in model.graph.node:
+        if COLOUR_BRANCH_SCOPE not in node.name:
+            continue
+        for position, name in enumerate(node.input):
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producers.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[position] = q.input[0]
+                rewired += 1
+    return rewired
+
+
 def resolve_layers(model: onnx.ModelProto, names: Iterable[str]) -> List[str]:
     """Node names for ``names``, expanding the aliases; an unknown name is an error that lists the choices."""
     nodes = weighted_nodes(model)

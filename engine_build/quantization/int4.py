@@ -168,7 +168,7 @@ def quantize_int4_ort(
             {n.input[0] for n in g.weighted_nodes(model) if _gptq_eligible(n, numpy_helper.to_array(inits0[n.input[1]]))}
         )
         grams = g.input_gram(model, wanted, tensors)
-    keep = set(g.resolve_layers(model, options.keep_float))
+    keep = set(g.resolve_layers(model, options.keep_float)) | set(g.float_only_nodes(model))
     inits = g.initializer_map(model)
     uses: Dict[str, int] = {}
     for node in model.graph.node:

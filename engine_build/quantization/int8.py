@@ -205,7 +205,11 @@ def quantize_int8(
     options: Optional[Int8Options] = None,
     calibration_note: str = "",
 ) -> Int8Result:
-    """Calibrate on ``tensors`` (preprocessed N x 3 x S x S) and write the Q/DQ model to ``target``."""
+    """Calibrate on ``tensors`` (preprocessed N x 3 x H x W) and write the Q/DQ model to ``target``.
+
+    Besides ``options.keep_float``, the colour-statistics branch and what it feeds stay float
+    (:func:`graph.float_only_nodes`); ``kept_float`` in the metadata lists them all.
+    """
     options = options or Int8Options()
     started = time.perf_counter()
     source = onnx.load(str(fp32_path))
@@ -214,12 +218,14 @@ def quantize_int8(
         prepared_path = Path(scratch) / "prepared.onnx"
         prepared = prepare_float_model(Path(fp32_path), prepared_path)
         exclude = g.resolve_layers(prepared, options.keep_float)
+        exclude += [name for name in g.float_only_nodes(prepared) if name not in exclude]
         out_node = g.output_node(prepared)
         # The probability stays float; see the module docstring.
-        excluded_all = exclude + ([out_node.name] if out_node is not None and out_node.op_type == "Sigmoid" else [])
+        excluded_all = exclude + ([out_node.name] if out_node is not None and out_node.op_type == "Sigmoid" and out_node.name not in exclude else [])
         raw_path = Path(scratch) / "quantized.onnx"
         _quantize(prepared_path, raw_path, tensors, options, excluded_all)
         quantized = onnx.load(str(raw_path))
+        g.unquantize_branch_inputs(quantized)
         corrected: Dict[str, float] = {}
         if options.bias_correction:
             corrected = apply_bias_correction(prepared, quantized, tensors, options.batch_size)

@@ -54,7 +54,7 @@ def test_flops_of_the_test_model_match_the_hand_count(bench_model: Path) -> None
     depthwise = side * side * width * (3 * 3)
     pointwise = side * side * width * width
     head = width
-    flops = count_flops(bench_model, 224)
+    flops = count_flops(bench_model, (3, 224, 224))
     assert flops["flops_per_image"] == 2 * (stem + depthwise + pointwise + head)
     assert flops["by_op"]["Gemm"] == 2 * head
 

@@ -19,6 +19,7 @@ from service.preprocess import (
     parse_roi_json,
     preprocess_roi,
 )
+import service.preprocess as pp
 from tests.images import bomb_png, conjunctiva_rgba, encode, palette_png, rgb_photo, with_exif_orientation
 
 SPEC = PreprocessSpec()
@@ -295,3 +296,29 @@ def test_reduced_decode_still_honours_exif_orientation() -> None:
     top = decoded.rgb[:100].reshape(-1, 3).mean(axis=0)  # the left edge is now on top
     assert top[0] > 200 and top[1] < 60 and top[2] < 60
     assert preprocess_roi(jpeg, None, PreprocessSpec()).image_size == (1200, 3600)
+
+
+def test_rectangular_canvas_letterboxes_wide_and_tall_rois() -> None:
+    spec = PreprocessSpec(input_size=224, input_height=96)
+    assert spec.chw == (3, 96, 224) and spec.longer_side == 224
+    # a 2.6:1 crop nearly fills the wide canvas: resolution kept, little fill
+    wide = np.full((88, 228, 3), 200, np.uint8)
+    tensor = pp.preprocess_decoded(pp.DecodedImage(rgb=wide), None, spec).tensor
+    assert tensor.shape == (1, 3, 96, 224)
+    filled_columns = np.flatnonzero(np.abs(tensor[0]).sum((0, 1)) > 0)
+    assert len(filled_columns) == 224
+    # a tall ROI (a tablet photo held upright) is scaled by its height and centred, not stretched
+    tall = np.full((300, 100, 3), 200, np.uint8)
+    tall_tensor = pp.preprocess_decoded(pp.DecodedImage(rgb=tall), None, spec).tensor
+    columns = np.flatnonzero(np.abs(tall_tensor[0]).sum((0, 1)) > 0)
+    assert len(columns) == 32 and abs((columns[0] + columns[-1]) / 2 - 111.5) <= 1
+    assert np.all(np.abs(tall_tensor[0]).sum((0, 2)) > 0)  # every row holds picture
+
+
+def test_spec_metadata_round_trip_and_models_without_a_height() -> None:
+    spec = PreprocessSpec(input_size=224, input_height=96)
+    assert PreprocessSpec.from_metadata(spec.to_metadata()) == spec
+    old = {k: v for k, v in PreprocessSpec(input_size=224).to_metadata().items() if not k.endswith("input_height")}
+    assert PreprocessSpec.from_metadata(old).chw == (3, 224, 224)  # models exported before the key existed
+    with pytest.raises(ValueError, match="input_height"):
+        PreprocessSpec(input_height=4)

@@ -70,3 +70,31 @@ def test_tiny_cross_validation_and_export(tmp_path: Path) -> None:
     assert main(args + ["--no-final"]) == 0
     assert (cv_dir / "oof_predictions.csv").read_text() == before
     assert "already done" in (run_dir / "progress.log").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_run_with_wide_canvas_and_colour_branch(tmp_path: Path) -> None:
+    """The variant pieces of issue 13 on tiny data: a 32 x 64 canvas, the in-graph colour branch
+    (standardized on the training images), selection on validation AUC, through to the export."""
+    run_dir, cv_dir, output = tmp_path / "runs", tmp_path / "cv", tmp_path / "model.onnx"
+    args = TINY + ["--input-height", "32", "--colour-hidden", "4", "--head-lr-mult", "10", "--select-on", "auc",
+                   "--run-dir", str(run_dir), "--cv-dir", str(cv_dir), "--output", str(output)]
+    assert main(args) == 0
+    info = ModelInfo.from_onnx(output)
+    assert info.spec.chw == (3, 32, 64)
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [3, 32, 64]
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(output))
+    assert any("/colour/" in node.name for node in proto.graph.node)
+    # the standardization constants are the training images' statistics, not the initial 0 / 1
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    std = next(v for k, v in inits.items() if k.endswith("stat_std"))
+    assert std.shape == (22,) and not np.allclose(std, 1.0)
+    data = load_dataset(DEFAULT_DATA_DIR, info.spec, limit=16)
+    probs = session.run([OUTPUT_NAME], {INPUT_NAME: data.images.numpy()})[0]
+    assert probs.shape == (16, 1) and np.all((probs >= 0) & (probs <= 1))
+    history = json.loads((run_dir / "cv" / "fold0" / "result.json").read_text())["history"]
+    assert "val_auc" in history[0]
