@@ -172,12 +172,18 @@ def test_engine_workers_setting_reaches_the_batcher(make_settings: Callable[...,
         assert all(post_image(client, picture).status_code == 200 for picture in pictures)
 
 
-def test_the_worker_tells_the_backend_how_many_requests_wait(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
-    app, holder = instrumented_app(make_settings())
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_worker_tells_the_backend_how_many_requests_wait(make_settings: Callable[..., Settings], crop_png: bytes, workers: int) -> None:
+    app, holder = instrumented_app(make_settings(engine_workers=workers))
     with TestClient(app) as client:
         wait_ready(client)
+        served_before = {index: len(holder["worker {}".format(index)].batch_sizes) for index in range(workers)}
         assert post_image(client, crop_png).status_code == 200
-    assert holder["backend"].waiting_seen[-1] == 0  # a lone request: nothing queued or being prepared
+    first = holder["worker 0"]
+    assert first.waiting_seen[-1] == 0  # a lone request: nothing queued or being prepared, no other call running
+    # ... and it went to worker 0, whose backend holds the idle session
+    assert len(first.batch_sizes) == served_before[0] + 1
+    assert all(len(holder["worker {}".format(i)].batch_sizes) == served_before[i] for i in range(1, workers))
 
 
 def test_model_endpoint_says_no_operating_point_is_known_for_a_model_without_one(client: Any) -> None:
@@ -246,7 +252,8 @@ def test_readiness_turns_200_only_after_warm_up(make_settings: Callable[..., Set
         wait_ready(client)
         assert "anemia_ready 1.0" in client.get("/metrics").text
         assert post_image(client, crop_png).status_code == 200
-    assert holder["backend"].closed  # shutdown released the backend
+    workers = [backend for key, backend in holder.items() if key.startswith("worker ")]
+    assert len(workers) == app.state.svc.batcher.workers and all(b.closed for b in workers)  # shutdown released every backend
 
 
 # -- errors -------------------------------------------------------------------------------------
