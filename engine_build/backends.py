@@ -41,9 +41,10 @@ class Backend:
     tool_version: Callable[[], str]
     #: Where the engine computes, ``cpu`` or ``gpu``: what the thread budget splits the cores around.
     runs_on: str
-    #: Open an engine file at a precision with a thread plan (:func:`thread_plan`); called on the
-    #: thread that will own the backend. Use :meth:`load` rather than this.
-    open_engine: Callable[[Path, str, Settings, ThreadPlan], InferenceBackend]
+    #: Open an engine file at a precision with a thread plan (:func:`thread_plan`) for one engine
+    #: worker (its index; 0 serves the lone requests); called on the thread that will own the
+    #: backend. Use :meth:`load` rather than this.
+    open_engine: Callable[[Path, str, Settings, ThreadPlan, int], InferenceBackend]
     #: The typed build options, and the writer that builds an artifact from them.
     options_type: Type[Any]
     write_artifact: Callable[[ArtifactJob, Any], Dict[str, Any]]
@@ -54,10 +55,13 @@ class Backend:
         """How this machine's cores are split around this backend's engine (service/thread_budget.py)."""
         return plan_threads(settings, engine=self.runs_on)
 
-    def load(self, path: Path, precision: str, settings: Settings, plan: Optional[ThreadPlan] = None) -> InferenceBackend:
-        """Open an engine file at a precision, configured by the settings and the thread plan
-        (derived from the settings when not given); called on the thread that will own the backend."""
-        return self.open_engine(path, precision, settings, plan if plan is not None else self.thread_plan(settings))
+    def load(
+        self, path: Path, precision: str, settings: Settings, plan: Optional[ThreadPlan] = None, worker: int = 0
+    ) -> InferenceBackend:
+        """Open an engine file at a precision for engine worker ``worker``, configured by the
+        settings and the thread plan (derived from the settings when not given); called on the
+        thread that will own the backend."""
+        return self.open_engine(path, precision, settings, plan if plan is not None else self.thread_plan(settings), worker)
 
     def options(self, **values: Any) -> Any:
         """This backend's build options from ``values``; an unknown option or a bad value is an EngineError."""
@@ -94,7 +98,9 @@ ONNXRUNTIME = Backend(
     device=onnxruntime_backend.device_name,
     tool_version=onnxruntime_backend.tool_version,
     runs_on="cpu",
-    open_engine=lambda path, precision, settings, plan: onnxruntime_backend.OnnxRuntimeBackend(path, precision, plan=plan),
+    open_engine=lambda path, precision, settings, plan, worker: onnxruntime_backend.OnnxRuntimeBackend(
+        path, precision, plan=plan, lone_requests=worker == 0
+    ),
     options_type=OnnxRuntimeBuildOptions,
     write_artifact=write_onnxruntime_artifact,
     server_options=lambda settings: OnnxRuntimeBuildOptions(),
@@ -107,7 +113,8 @@ TENSORRT = Backend(
     device=tensorrt_backend.device_name,
     tool_version=tensorrt_backend.tool_version,
     runs_on="gpu",
-    open_engine=lambda path, precision, settings, plan: tensorrt_backend.TensorRTBackend(path, precision, settings.max_batch),
+    # One worker (the plan's for a GPU engine): the CUDA context has one owner.
+    open_engine=lambda path, precision, settings, plan, worker: tensorrt_backend.TensorRTBackend(path, precision, settings.max_batch),
     options_type=TensorRTBuildOptions,
     write_artifact=write_tensorrt_artifact,
     # The engine's optimization profile must cover the server's largest batch.

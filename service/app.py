@@ -104,6 +104,7 @@ class ServiceState:
             on_batch=lambda size, _seconds: self.metrics.batch_size.observe(size),
             incoming=lambda: self.preparing,
             batching=settings.batching,
+            workers=self.threads.engine_workers,
         )
         self.executor = ThreadPoolExecutor(max_workers=self.threads.preprocess_threads, thread_name_prefix="preprocess")
         self.in_flight = 0
@@ -120,9 +121,9 @@ class ServiceState:
 
     @property
     def max_in_flight(self) -> int:
-        # Admitted requests beyond what the queue and one running batch hold are turned away early;
-        # the batch is the one warm-up settled on (ANEMIA_BATCHING).
-        return self.settings.queue_size + self.batcher.batch_limit
+        # Admitted requests beyond what the queue and the engine workers' running batches hold are
+        # turned away early; the batch is the one warm-up settled on (ANEMIA_BATCHING).
+        return self.settings.queue_size + self.batcher.workers * self.batcher.batch_limit
 
     @property
     def ready(self) -> bool:

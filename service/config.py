@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # process's cores between event loop, preprocessing and engine (service/thread_budget.py;
     # /v1/model's "threads" says what it chose and why). A value set here overrides its part.
     preprocess_threads: int = Field(default=0, ge=0, le=64)
+    # Engine workers on a CPU engine: threads that each own one engine session and pull from the
+    # one queue (0: the thread budget decides; a GPU engine always has one).
+    engine_workers: int = Field(default=0, ge=0, le=64)
     # Engine intra-op threads while other requests wait; set alone, every call gets this many.
     intra_op_threads: int = Field(default=0, ge=0, le=256)
     # Engine intra-op threads for a lone request on an idle box (a second ONNX Runtime session).

@@ -84,7 +84,11 @@ class ThreadsInfo(BaseModel):
 
     cores: int = Field(description="cores this process may run on (its affinity)")
     engine: str = Field(description="cpu or gpu: where the engine computes")
-    load_intra_op_threads: int = Field(description="engine threads per call while other requests wait")
+    engine_workers: int = Field(
+        description="threads that each own one engine session and pull from the one queue (1 with a GPU engine); "
+        "worker 0 also holds the idle session"
+    )
+    load_intra_op_threads: int = Field(description="engine threads per call while other requests wait, per worker")
     idle_intra_op_threads: int = Field(description="engine threads for a lone request on an idle box")
     load_spinning: bool
     idle_spinning: bool

@@ -20,7 +20,10 @@ from service.model_info import ModelInfo
 from service.runtime.base import InferenceBackend
 from service.thread_budget import ThreadPlan
 
-BackendFactory = Callable[[], InferenceBackend]
+#: Opens the backend of one engine worker; called on that worker's own thread with its index
+#: (0 = the worker that serves lone requests). Every index defaults to 0, so a caller outside the
+#: server opens one backend with ``factory()``.
+BackendFactory = Callable[..., InferenceBackend]
 
 
 @dataclass
@@ -50,12 +53,13 @@ def thread_plan(settings: Settings, engine: ResolvedEngine) -> ThreadPlan:
 
 
 def backend_factory(settings: Settings, engine: ResolvedEngine, plan: Optional[ThreadPlan] = None) -> BackendFactory:
-    """A callable that opens the backend; the inference thread calls it, so it owns the context.
-    The backend records its warm-up decisions in ``plan`` (derived from the settings when not given)."""
+    """A callable that opens the backend of engine worker ``worker``; each worker thread calls it,
+    so it owns its session (and with TensorRT the context). Worker 0's backend records its warm-up
+    decisions in ``plan`` (derived from the settings when not given)."""
     backend = get_backend(engine.backend)
     plan = plan if plan is not None else backend.thread_plan(settings)
 
-    def open_backend() -> InferenceBackend:
-        return backend.load(engine.path, settings.precision, settings, plan)
+    def open_backend(worker: int = 0) -> InferenceBackend:
+        return backend.load(engine.path, settings.precision, settings, plan, worker)
 
     return open_backend

@@ -4,7 +4,9 @@ Two sessions on one engine file when the thread plan (:mod:`service.thread_budge
 request more threads than a loaded server can afford: the *load* session (few threads, no
 spinning) runs whenever other requests wait, the *idle* session (every core) when none do. The
 micro-batching worker says which before each call (:meth:`set_waiting`); warm-up
-(:meth:`warm_up`) keeps the idle session only if it measures faster.
+(:meth:`warm_up`) keeps the idle session only if it measures faster. With several engine workers
+only worker 0's backend opens the idle session (``lone_requests``); the others hold a load
+session only, and the batcher hands a lone request to worker 0.
 """
 
 from __future__ import annotations
@@ -74,16 +76,21 @@ class OnnxRuntimeBackend(InferenceBackend):
         intra_op_threads: int = 0,
         spinning: bool = True,
         plan: Optional[ThreadPlan] = None,
+        lone_requests: bool = True,
     ) -> None:
         """``plan`` (from :func:`service.thread_budget.plan_threads`) wins over the two counts,
-        which remain for callers outside the server (evaluation, one session, as given)."""
+        which remain for callers outside the server (evaluation, one session, as given).
+        ``lone_requests``: this backend serves the lone requests of an idle box (engine worker 0),
+        so it opens the plan's idle session and records warm-up's decision about it in the plan;
+        the other workers' backends hold a load session only."""
         self.precision = precision
         self.engine_path = Path(engine_path)
         self.plan = plan
+        self.lone_requests = lone_requests
         load_threads, load_spin = (plan.load_intra_op_threads, plan.load_spinning) if plan else (intra_op_threads, spinning)
         self._load: Optional[ort.InferenceSession] = self._open(load_threads, load_spin)
         self._idle: Optional[ort.InferenceSession] = None
-        if plan is not None and plan.two_sessions:
+        if plan is not None and plan.two_sessions and lone_requests:
             # The idle session only ever runs one image, so its arena never grows past batch 1.
             self._idle = self._open(plan.idle_intra_op_threads, plan.idle_spinning, IDLE_SESSION_ARENA)
         self._waiting = 0
@@ -133,7 +140,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         for session in sessions.values():
             session.run([OUTPUT_NAME], {INPUT_NAME: tensor})  # first call: allocations, kernels
         if self._idle is None:
-            if self.plan is not None:
+            if self.plan is not None and self.lone_requests:
                 self.plan.idle_session = False
             return
         blocks: Dict[str, List[float]] = {name: [] for name in sessions}

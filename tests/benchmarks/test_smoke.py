@@ -223,3 +223,19 @@ def test_wrk_smoke_ours_and_plain(bench_model: Path, bench_images: Path, tmp_pat
     assert report["servers"]["ours"]["model"]["threads"]["sources"]["intra_op_threads"] == "machine"
     assert report["servers"]["ours"]["levels"][0]["stages"]["inference_mean_ms"] > 0
     assert report["servers"]["ours-raw"]["overhead"]["requests"] == 5 and report["servers"]["ours"]["overhead"]["overhead_p50_ms"] > 0
+
+
+def test_rss_workers_smoke(bench_model: Path, bench_images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rss.json"
+    table = run_script(
+        "benchmarks.rss_workers",
+        ["--smoke", "--configurations", "1-worker-no-idle,2-workers-no-idle", "--model", str(bench_model),
+         "--engine-dir", str(bench_model.parent / "engines"), "--images", str(bench_images), "--out-json", str(out)],
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["configuration"], row["engine_workers"], row["idle_session"]) for row in rows] == [
+        ("1-worker-no-idle", 1, False),
+        ("2-workers-no-idle", 2, False),
+    ]
+    assert all(row["rss_after_requests_mb"] > 0 and row["peak_rss_mb"] >= row["rss_after_requests_mb"] for row in rows)
+    assert table.count("\n") == 4  # header, rule, two rows

@@ -194,8 +194,8 @@ def busy_server(model_path: Path, engine_dir: Path) -> Iterator[BusyServer]:
     gate = threading.Event()
     gate.set()  # open for the warm-up
 
-    def gated() -> InferenceBackend:
-        return InstrumentedBackend(inner(), gate=gate)
+    def gated(worker: int = 0) -> InferenceBackend:
+        return InstrumentedBackend(inner(worker), gate=gate)
 
     with serve(settings, gated) as server:
         busy = BusyServer(server.url, gate)

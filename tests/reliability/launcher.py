@@ -36,8 +36,8 @@ def main() -> int:
     fail_white = os.environ.get("RELIABILITY_FAIL_WHITE") == "1"
     real_factory = backend_factory(settings, resolve_engine(settings, ModelInfo.from_onnx(settings.model)))
 
-    def factory() -> InstrumentedBackend:
-        return InstrumentedBackend(real_factory(), delay_seconds=delay_seconds, fail_if=all_white_image if fail_white else None)
+    def factory(worker: int = 0) -> InstrumentedBackend:
+        return InstrumentedBackend(real_factory(worker), delay_seconds=delay_seconds, fail_if=all_white_image if fail_white else None)
 
     app = create_app(settings, factory=factory)
     # The same edge (deadlines, caps) as python -m service.

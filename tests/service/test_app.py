@@ -55,8 +55,9 @@ def instrumented_app(settings: Settings, **kwargs: Any) -> Any:
     model = ModelInfo.from_onnx(settings.model)
     real_factory = backend_factory(settings, resolve_engine(settings, model))
 
-    def factory() -> InstrumentedBackend:
-        holder["backend"] = InstrumentedBackend(real_factory(), **kwargs)
+    def factory(worker: int = 0) -> InstrumentedBackend:
+        # "backend": the last one opened (the only one with one engine worker); "worker N": each
+        holder["backend"] = holder["worker {}".format(worker)] = InstrumentedBackend(real_factory(worker), **kwargs)
         return holder["backend"]
 
     return create_app(settings, factory=factory), holder
@@ -92,7 +93,7 @@ class OutOfRangeBackend(InferenceBackend):
 
 
 def test_the_answer_is_checked_against_the_prediction_schema(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
-    with TestClient(create_app(make_settings(), factory=OutOfRangeBackend), raise_server_exceptions=False) as client:
+    with TestClient(create_app(make_settings(), factory=lambda worker: OutOfRangeBackend()), raise_server_exceptions=False) as client:
         wait_ready(client)
         response = post_image(client, crop_png)
         assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
@@ -135,28 +136,54 @@ def test_model_endpoint_shows_metadata_and_engine(client: Any, make_settings: Ca
     assert body["metadata"]["preprocess.mean"] == [127.5, 127.5, 127.5]
 
 
-def test_model_endpoint_says_how_the_cores_are_split(make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_endpoint_says_how_the_cores_are_split(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from service import thread_budget
 
+    caplog.set_level(logging.INFO, logger="service.app")
     monkeypatch.setattr(thread_budget.os, "sched_getaffinity", lambda pid: {0, 1})
     with TestClient(create_app(make_settings(preprocess_threads=3))) as client:
         wait_ready(client)
         threads = ModelDescription.model_validate(client.get("/v1/model").json()).threads
         assert threads is not None and threads.cores == 2 and threads.engine == "cpu"
+        # FP32 on 2 cores: two single-thread engine workers, worker 0 with the idle session
+        assert threads.engine_workers == 2 and threads.sources["engine_workers"] == "machine"
+        assert "2 single-thread engine call(s)" in threads.reasons["engine_workers"]
         assert (threads.load_intra_op_threads, threads.idle_intra_op_threads, threads.preprocess_threads) == (1, 2, 3)
         assert threads.sources["preprocess_threads"] == "ANEMIA_PREPROCESS_THREADS"
         assert threads.sources["intra_op_threads"] == "machine"
         # warm-up timed both sessions and decided
         assert threads.idle_session in (True, False) and set(threads.warmup_ms) == {"load_session_ms", "idle_session_ms"}
-        assert client.app.state.svc.executor._max_workers == 3
+        state = client.app.state.svc
+        assert state.executor._max_workers == 3 and state.batcher.workers == 2
+        assert {t.name for t in state.batcher._threads} == {"inference-0", "inference-1"}
+    logged = next(r for r in caplog.records if r.getMessage() == "thread plan")
+    assert logged.threads["engine_workers"] == 2 and logged.threads["reasons"]["engine_workers"]  # type: ignore[attr-defined]
 
 
-def test_the_worker_tells_the_backend_how_many_requests_wait(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
-    app, holder = instrumented_app(make_settings())
+def test_engine_workers_setting_reaches_the_batcher(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(engine_workers=3))) as client:
+        wait_ready(client)
+        threads = client.get("/v1/model").json()["threads"]
+        assert threads["engine_workers"] == 3 and threads["sources"]["engine_workers"] == "ANEMIA_ENGINE_WORKERS"
+        assert client.app.state.svc.batcher.workers == 3
+        pictures = [encode(conjunctiva_rgba(seed=i)) for i in range(6)]
+        assert all(post_image(client, picture).status_code == 200 for picture in pictures)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_worker_tells_the_backend_how_many_requests_wait(make_settings: Callable[..., Settings], crop_png: bytes, workers: int) -> None:
+    app, holder = instrumented_app(make_settings(engine_workers=workers))
     with TestClient(app) as client:
         wait_ready(client)
+        served_before = {index: len(holder["worker {}".format(index)].batch_sizes) for index in range(workers)}
         assert post_image(client, crop_png).status_code == 200
-    assert holder["backend"].waiting_seen[-1] == 0  # a lone request: nothing queued or being prepared
+    first = holder["worker 0"]
+    assert first.waiting_seen[-1] == 0  # a lone request: nothing queued or being prepared, no other call running
+    # ... and it went to worker 0, whose backend holds the idle session
+    assert len(first.batch_sizes) == served_before[0] + 1
+    assert all(len(holder["worker {}".format(i)].batch_sizes) == served_before[i] for i in range(1, workers))
 
 
 def test_model_endpoint_says_no_operating_point_is_known_for_a_model_without_one(client: Any) -> None:
@@ -225,7 +252,8 @@ def test_readiness_turns_200_only_after_warm_up(make_settings: Callable[..., Set
         wait_ready(client)
         assert "anemia_ready 1.0" in client.get("/metrics").text
         assert post_image(client, crop_png).status_code == 200
-    assert holder["backend"].closed  # shutdown released the backend
+    workers = [backend for key, backend in holder.items() if key.startswith("worker ")]
+    assert len(workers) == app.state.svc.batcher.workers and all(b.closed for b in workers)  # shutdown released every backend
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -342,38 +370,44 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 20.0) -> 
         await asyncio.sleep(0.01)
 
 
-def test_overloaded_when_too_many_in_flight(make_settings: Callable[..., Settings], crop_png: bytes) -> None:
-    """Admitted requests that hold the queue and the running batch turn the next one away with 503."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_overloaded_when_too_many_in_flight(make_settings: Callable[..., Settings], crop_png: bytes, workers: int) -> None:
+    """Admitted requests that hold the queue and every worker's running batch turn the next one away with 503."""
     gate = threading.Event()
     gate.set()  # warm-up runs freely
-    # One image per call and a queue of one: two requests in flight (one in the backend, one queued).
-    app, holder = instrumented_app(make_settings(batching="off", queue_size=1), gate=gate)
+    # One image per call and a queue of one: one request in each worker's backend, one queued.
+    app, holder = instrumented_app(make_settings(batching="off", queue_size=1, engine_workers=workers), gate=gate)
     state: ServiceState = app.state.svc
-    pictures = [encode(conjunctiva_rgba(seed=i)) for i in range(2)]
+    pictures = [encode(conjunctiva_rgba(seed=i)) for i in range(workers + 1)]
+
+    def held() -> int:
+        return sum(holder["worker {}".format(index)].held for index in range(workers))
 
     async def scenario() -> None:
         await state.start()
         try:
             while not state.ready:
                 await asyncio.sleep(0.01)
-            assert state.max_in_flight == 2
-            gate.clear()  # the backend now holds whatever reaches it
+            assert state.batcher.workers == workers and state.max_in_flight == workers + 1
+            gate.clear()  # the backends now hold whatever reaches them
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-                # the first must be held in the backend before the second queues: sent together, the
-                # second can find the one-slot queue still full and be turned away itself
-                admitted = [asyncio.ensure_future(http.post("/v1/predict", files={"image": ("a.png", pictures[0], "image/png")}))]
-                await wait_until(lambda: holder["backend"].held == 1)
-                admitted.append(asyncio.ensure_future(http.post("/v1/predict", files={"image": ("a.png", pictures[1], "image/png")})))
-                await wait_until(lambda: state.in_flight == 2 and state.preparing == 0)
-                assert "anemia_requests_in_flight 2.0" in (await http.get("/metrics")).text
+                # each must be held in a backend before the next is sent: sent together, the last
+                # can find the one-slot queue still full and be turned away itself
+                admitted = []
+                for index, picture in enumerate(pictures):
+                    admitted.append(asyncio.ensure_future(http.post("/v1/predict", files={"image": ("a.png", picture, "image/png")})))
+                    if index < workers:
+                        await wait_until(lambda: held() == index + 1)
+                await wait_until(lambda: state.in_flight == workers + 1 and state.preparing == 0)
+                assert "anemia_requests_in_flight {}.0".format(workers + 1) in (await http.get("/metrics")).text
                 turned_away = await http.post("/v1/predict", files={"image": ("a.png", crop_png, "image/png")})
                 gate.set()
                 answered = await asyncio.gather(*admitted)
                 after = (await http.get("/metrics")).text
             assert turned_away.status_code == 503 and turned_away.json()["error"]["code"] == "overloaded"
             assert turned_away.headers["retry-after"] == "1"
-            assert [r.status_code for r in answered] == [200, 200]
+            assert [r.status_code for r in answered] == [200] * (workers + 1)
             assert "anemia_requests_in_flight 0.0" in after and state.in_flight == 0 and state.preparing == 0
         finally:
             gate.set()
@@ -451,7 +485,7 @@ def test_metrics_increment_per_prediction(client: Any, crop_png: bytes) -> None:
 
 def test_concurrent_requests_are_batched_with_identical_results(make_settings: Callable[..., Settings]) -> None:
     pictures = [encode(conjunctiva_rgba(seed=i, red=120 + 8 * i)) for i in range(16)]
-    settings = make_settings(max_batch=8, batch_wait_ms=20)
+    settings = make_settings(max_batch=8, batch_wait_ms=20, engine_workers=1)  # one backend to count calls on
     app, holder = instrumented_app(settings, delay_seconds=0.03)
     state: ServiceState = app.state.svc
 
@@ -515,8 +549,8 @@ class BatchPenaltyBackend(InstrumentedBackend):
 def penalized_app(settings: Settings) -> Any:
     real_factory = backend_factory(settings, resolve_engine(settings, ModelInfo.from_onnx(settings.model)))
 
-    def factory() -> InferenceBackend:
-        return BatchPenaltyBackend(real_factory())
+    def factory(worker: int = 0) -> InferenceBackend:
+        return BatchPenaltyBackend(real_factory(worker))
 
     return create_app(settings, factory=factory)
 
@@ -537,7 +571,8 @@ def test_batch_limit_decided_at_warm_up_is_exposed(
             assert set(timings) == {"1", "8"} and timings["8"] > timings["1"] >= 1.0
         else:
             assert timings == {}
-        assert client.app.state.svc.max_in_flight == 16 + limit
+        svc = client.app.state.svc
+        assert svc.max_in_flight == 16 + svc.batcher.workers * limit
         assert post_image(client, crop_png).json()["latency_ms"]["inference"] > 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import List
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -41,7 +41,7 @@ class MeanBackend(InferenceBackend):
 
 
 def started(backend: MeanBackend, **kwargs: object) -> MicroBatcher:
-    batcher = MicroBatcher(lambda: backend, warmup_shape=(1, 2, 2), **kwargs)  # type: ignore[arg-type]
+    batcher = MicroBatcher(lambda worker: backend, warmup_shape=(1, 2, 2), **kwargs)  # type: ignore[arg-type]
     batcher.start().result(5)
     assert batcher.warmed_up.wait(5)
     return batcher
@@ -94,7 +94,7 @@ def test_full_queue_is_overloaded() -> None:
 
     warmed = threading.Event()
     backend = Gated()
-    batcher = MicroBatcher(lambda: backend, max_batch=1, max_wait_seconds=0.0, queue_size=2, warmup_shape=(1, 2, 2))
+    batcher = MicroBatcher(lambda worker: backend, max_batch=1, max_wait_seconds=0.0, queue_size=2, warmup_shape=(1, 2, 2))
     batcher.start().result(5)
     batcher.warmed_up.wait(5)
     warmed.set()
@@ -129,7 +129,7 @@ def test_not_ready_before_warm_up() -> None:
             release.wait(5)
             return super().infer(batch)
 
-    batcher = MicroBatcher(SlowWarmup, warmup_shape=(1, 2, 2))
+    batcher = MicroBatcher(lambda worker: SlowWarmup(), warmup_shape=(1, 2, 2))
     batcher.start().result(5)
     assert not batcher.ready
     with pytest.raises(NotReady):
@@ -140,7 +140,7 @@ def test_not_ready_before_warm_up() -> None:
 
 
 def test_load_failure_is_reported_to_whoever_waits_for_startup() -> None:
-    def broken() -> InferenceBackend:
+    def broken(worker: int) -> InferenceBackend:
         raise OSError("engine file unreadable")
 
     batcher = MicroBatcher(broken)
@@ -334,3 +334,213 @@ def test_freed_warm_up_memory_is_handed_back_where_glibc_allows() -> None:
     from service.batching import release_freed_memory
 
     assert release_freed_memory() is (ctypes.util.find_library("c") is not None)
+
+
+# -- engine workers: N threads, each owning its backend, pulling from the one queue ---------------
+
+
+class WorkerBackend(MeanBackend):
+    """One engine worker's backend: records its index; after warm-up, may wait at a shared barrier
+    (so a call returns only once another worker's call is in flight too) or a gate."""
+
+    def __init__(self, index: int, serving: threading.Event, barrier: Optional[threading.Barrier] = None,
+                 gate: Optional[threading.Event] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.index = index
+        self.serving = serving
+        self.barrier = barrier
+        self.gate = gate
+        self.warm_calls = 0
+        self.held = threading.Event()
+        self.barrier_timeout = 5.0
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if not self.serving.is_set():
+            self.warm_calls += 1
+            return super().infer(batch)
+        if self.barrier is not None:
+            self.barrier.wait(self.barrier_timeout)  # BrokenBarrierError when alone: the call fails
+        if self.gate is not None:
+            self.held.set()
+            self.gate.wait(5)
+        return super().infer(batch)
+
+
+def workers_started(count: int, **kwargs: Any) -> Tuple[MicroBatcher, List[WorkerBackend], threading.Event]:
+    """A batcher with ``count`` workers; requests are served after the returned event is set."""
+    serving = threading.Event()
+    backends: Dict[int, WorkerBackend] = {}
+    backend_kwargs = {key: kwargs.pop(key) for key in ("barrier", "gate", "fail_on_negative", "delay_seconds") if key in kwargs}
+
+    def factory(worker: int) -> WorkerBackend:
+        backends[worker] = WorkerBackend(worker, serving, **backend_kwargs)
+        return backends[worker]
+
+    kwargs.setdefault("max_batch", 1)
+    batcher = MicroBatcher(factory, warmup_shape=(1, 2, 2), workers=count, **kwargs)
+    batcher.start().result(5)
+    assert batcher.warmed_up.wait(5)
+    serving.set()
+    return batcher, [backends[index] for index in range(count)], serving
+
+
+def served_by(backend: WorkerBackend) -> int:
+    return len(backend.calls) - backend.warm_calls
+
+
+def test_each_worker_opens_its_own_backend_on_its_own_thread() -> None:
+    batcher, backends, _ = workers_started(3, max_wait_seconds=0.0)
+    assert [b.index for b in backends] == [0, 1, 2] and batcher.workers == 3
+    batcher.stop()
+    for backend in backends:
+        assert len(set(backend.thread_ids)) == 1 and backend.closed_by == backend.thread_ids[:1]
+    assert len({b.thread_ids[0] for b in backends}) == 3  # three threads, one per backend
+
+
+def test_two_workers_serve_two_requests_at_once() -> None:
+    # Each call waits until a second call is in flight: one worker alone would fail both requests.
+    barrier = threading.Barrier(2)
+    batcher, backends, _ = workers_started(2, barrier=barrier, max_wait_seconds=0.0)
+    futures = [batcher.submit_nowait(tensor(0.1)), batcher.submit_nowait(tensor(0.2))]
+    assert sorted(f.result(10).probability for f in futures) == pytest.approx([0.1, 0.2])
+    batcher.stop()
+    assert [served_by(b) for b in backends] == [1, 1]
+    assert batcher.backend_calls == 2
+
+
+def test_one_worker_alone_cannot_pass_the_barrier() -> None:
+    """The control for the test above: with one worker the barrier breaks and the requests fail."""
+    barrier = threading.Barrier(2)
+    batcher, backends, _ = workers_started(1, barrier=barrier, max_wait_seconds=0.0)
+    backends[0].barrier_timeout = 0.5
+    first = batcher.submit_nowait(tensor(0.1))
+    with pytest.raises(InferenceFailed):
+        first.result(10)
+    batcher.stop()
+
+
+def test_a_lone_request_goes_to_worker_0_and_worker_1_takes_over_when_it_is_busy() -> None:
+    gate = threading.Event()
+    batcher, backends, _ = workers_started(2, max_wait_seconds=0.0)
+    for i in range(5):  # one at a time on an idle box: always worker 0 (the one with the idle session)
+        batcher.submit_nowait(tensor(i / 10)).result(5)
+    assert [served_by(b) for b in backends] == [5, 0]
+    backends[0].gate = gate  # worker 0 now holds its next call
+    held = batcher.submit_nowait(tensor(0.7))
+    assert backends[0].held.wait(5)
+    assert batcher.submit_nowait(tensor(0.8)).result(5).probability == pytest.approx(0.8)
+    assert served_by(backends[1]) == 1
+    gate.set()
+    assert held.result(5).probability == pytest.approx(0.7)
+    batcher.stop()
+
+
+def test_a_call_is_told_about_other_workers_calls_in_flight() -> None:
+    gate = threading.Event()
+    seen: Dict[int, List[int]] = {0: [], 1: []}
+    batcher, backends, _ = workers_started(2, max_wait_seconds=0.0)
+    for backend in backends:
+        backend.set_waiting = seen[backend.index].append  # type: ignore[method-assign]
+    batcher.submit_nowait(tensor(0.1)).result(5)
+    assert seen[0][-1] == 0  # alone: the idle configuration may run
+    backends[0].gate = gate
+    held = batcher.submit_nowait(tensor(0.2))
+    assert backends[0].held.wait(5)
+    batcher.submit_nowait(tensor(0.3)).result(5)
+    assert seen[1][-1] == 1  # worker 0's call is running: not alone
+    gate.set()
+    held.result(5)
+    batcher.stop()
+
+
+def test_a_failing_worker_answers_only_its_batch_and_every_worker_keeps_serving() -> None:
+    barrier = threading.Barrier(2)
+    batcher, backends, _ = workers_started(2, barrier=barrier, fail_on_negative=True, max_wait_seconds=0.0)
+    bad, good = batcher.submit_nowait(tensor(-1.0)), batcher.submit_nowait(tensor(0.4))
+    with pytest.raises(InferenceFailed):
+        bad.result(10)
+    assert good.result(10).probability == pytest.approx(0.4)
+    # both workers are still there: two more at once pass the barrier again
+    again = [batcher.submit_nowait(tensor(0.5)), batcher.submit_nowait(tensor(0.6))]
+    assert sorted(f.result(10).probability for f in again) == pytest.approx([0.5, 0.6])
+    batcher.stop()
+    # the failed call is not among a backend's answered calls: the failing worker answered one
+    # more afterwards (the second pair at the barrier), the other two
+    assert sorted(served_by(b) for b in backends) == [1, 2]
+    assert batcher.backend_calls == 3  # the failed call answered its request, it is not counted
+
+
+def test_stop_drains_every_worker_then_closes_each_backend() -> None:
+    batcher, backends, _ = workers_started(2, delay_seconds=0.01, queue_size=64, max_wait_seconds=0.0)
+    futures = [batcher.submit_nowait(tensor(i / 100)) for i in range(30)]
+    batcher.stop()
+    assert all(f.done() for f in futures)
+    assert [f.result().probability for f in futures] == pytest.approx([i / 100 for i in range(30)])
+    assert sum(served_by(b) for b in backends) == 30 and all(served_by(b) > 0 for b in backends)
+    assert all(b.closed_by == b.thread_ids[:1] for b in backends)
+    with pytest.raises(NotReady):
+        batcher.submit_nowait(tensor(0.5))
+
+
+def test_the_queue_bound_holds_with_several_workers() -> None:
+    gate = threading.Event()
+    batcher, backends, _ = workers_started(2, gate=gate, queue_size=2, max_wait_seconds=0.0)
+    running = [batcher.submit_nowait(tensor(0.1))]
+    assert backends[0].held.wait(5)
+    running.append(batcher.submit_nowait(tensor(0.2)))
+    assert backends[1].held.wait(5)  # one call per worker in flight, the queue empty again
+    queued = [batcher.submit_nowait(tensor(0.3)), batcher.submit_nowait(tensor(0.4))]
+    with pytest.raises(Overloaded):
+        batcher.submit_nowait(tensor(0.5))
+    gate.set()
+    assert sorted(f.result(5).probability for f in running + queued) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    batcher.stop()
+
+
+def test_worker_0_decides_before_the_others_run_anything() -> None:
+    events: List[Tuple[int, str]] = []
+
+    class Logged(CostBackend):
+        def __init__(self, index: int) -> None:
+            super().__init__(call_seconds=0.0, image_seconds=0.001, batch_penalty=2.0)
+            self.index = index
+
+        def warm_up(self, image_shape: tuple) -> None:
+            events.append((self.index, "warm_up"))
+
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            events.append((self.index, "infer {}".format(len(batch))))
+            return super().infer(batch)
+
+    batcher = MicroBatcher(Logged, warmup_shape=(1, 2, 2), workers=2, max_batch=4, batching="auto")
+    batcher.start().result(5)
+    assert batcher.warmed_up.wait(10)
+    batcher.stop()
+    first_follower = next(i for i, (worker, _) in enumerate(events) if worker == 1)
+    assert all(worker == 0 for worker, _ in events[:first_follower])
+    assert any(what == "infer 4" for _, what in events[:first_follower])  # the timed batches
+    # the follower warms up the shapes it will run: batching was found not to pay, so batch 1 only
+    assert [what for worker, what in events if worker == 1] == ["warm_up", "infer 1"]
+    assert batcher.batch_limit == 1
+
+
+def test_a_worker_whose_backend_does_not_open_fails_the_start_and_the_others_close() -> None:
+    opened: List[MeanBackend] = []
+
+    def factory(worker: int) -> InferenceBackend:
+        if worker == 1:
+            raise OSError("second session: out of memory")
+        opened.append(MeanBackend())
+        return opened[-1]
+
+    batcher = MicroBatcher(factory, warmup_shape=(1, 2, 2), workers=2)
+    with pytest.raises(OSError, match="out of memory"):
+        batcher.start().result(5)
+    batcher.stop()
+    assert not batcher.ready and not batcher.warmed_up.is_set()
+    assert len(opened) == 1 and opened[0].closed_by and opened[0].calls == []  # closed, never ran
+
+
+def test_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        MicroBatcher(MeanBackend, workers=0)

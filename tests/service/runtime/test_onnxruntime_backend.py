@@ -90,3 +90,28 @@ def test_warm_up_keeps_the_idle_session_only_when_it_is_faster(
         assert backend.calls["idle" if kept else "load"] == 1
     finally:
         backend.close()
+
+
+def test_only_worker_0_opens_the_idle_session_and_records_the_warm_up_decision(make_settings: Callable[..., Settings]) -> None:
+    from service.thread_budget import plan_threads
+
+    settings = make_settings(precision="fp32")
+    plan = plan_threads(settings, engine="cpu", cores=2)
+    assert plan.engine_workers == 2 and plan.two_sessions
+    factory = backend_factory(settings, resolve_engine(settings, ModelInfo.from_onnx(settings.model)), plan)
+    first, second = factory(0), factory(1)
+    try:
+        assert isinstance(first, OnnxRuntimeBackend) and isinstance(second, OnnxRuntimeBackend)
+        assert first.sessions == ["load", "idle"] and second.sessions == ["load"]
+        assert second._load.get_session_options().intra_op_num_threads == 1  # type: ignore[union-attr]
+        first.warm_up((3, 224, 224))
+        decided = plan.idle_session
+        assert decided in (True, False)
+        second.warm_up((3, 224, 224))  # a follower's warm-up leaves worker 0's decision alone
+        assert plan.idle_session is decided and set(plan.warmup_ms) == {"load_session_ms", "idle_session_ms"}
+        second.set_waiting(0)
+        second.infer(np.zeros((1, 3, 224, 224), np.float32))
+        assert second.calls == {"load": 1, "idle": 0}  # no idle session to run a lone image on
+    finally:
+        first.close()
+        second.close()
