@@ -500,8 +500,9 @@ def check_folded(original: bytes, folded_path: Path, params: PlattParams, batch:
     """
     model = onnx.load_from_string(original)
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    size = dims[2] if len(dims) == 4 and dims[2] > 0 else 224
-    images = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(batch, 3, size, size)).astype(np.float32)
+    height = dims[2] if len(dims) == 4 and dims[2] > 0 else 224
+    width = dims[3] if len(dims) == 4 and dims[3] > 0 else height
+    images = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(batch, 3, height, width)).astype(np.float32)
     before = onnx_probabilities(original, images)
     after = onnx_probabilities(folded_path, images)
     usable = (before >= 1e-4) & (before <= 1.0 - 1e-4)
