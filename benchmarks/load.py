@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from benchmarks.processes import free_port
+from benchmarks.processes import free_port, ours_env
 from service.config import BATCHING_MODES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -87,19 +87,14 @@ def server_spec(name: str, port: int, engine_path: Path, args: argparse.Namespac
     }
     if name in ("ours", "ours-batch-on"):
         python = sys.executable
-        env = {
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "ANEMIA_MODEL": str(args.model),
-            "ANEMIA_ENGINE_DIR": str(args.engine_dir),
-            "ANEMIA_PRECISION": args.precision,
-            "ANEMIA_BACKEND": "onnxruntime",
-            "ANEMIA_INTRA_OP_THREADS": str(args.threads),
-            "ANEMIA_MAX_BATCH": str(args.max_batch),
-            "ANEMIA_BATCHING": "on" if name == "ours-batch-on" else args.batching,
-            "ANEMIA_BATCH_WAIT_MS": str(args.batch_wait_ms),
-            "ANEMIA_LOG_LEVEL": args.ours_log_level,
-        }
+        env = ours_env(
+            port, args.model, args.engine_dir, args.precision,
+            ANEMIA_INTRA_OP_THREADS=str(args.threads),
+            ANEMIA_MAX_BATCH=str(args.max_batch),
+            ANEMIA_BATCHING="on" if name == "ours-batch-on" else args.batching,
+            ANEMIA_BATCH_WAIT_MS=str(args.batch_wait_ms),
+            ANEMIA_LOG_LEVEL=args.ours_log_level,
+        )
         if args.ours_spinning != "budget":
             env["ANEMIA_INTRA_OP_SPINNING"] = args.ours_spinning
         if not args.threads:  # 0: the thread budget decides, as `make serve` does

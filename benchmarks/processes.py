@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from typing import Dict, Union
 
 
 def free_port() -> int:
@@ -19,3 +21,18 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS for pid {}".format(pid))
+
+
+def ours_env(port: int, model: Union[str, Path], engine_dir: Union[str, Path], precision: str, **extra: str) -> Dict[str, str]:
+    """The environment our server starts with in a benchmark: loopback, the model and engines given,
+    ONNX Runtime; ``extra`` adds ANEMIA_* settings (``ANEMIA_LOG_LEVEL="warning"``...)."""
+    env = {
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "ANEMIA_MODEL": str(model),
+        "ANEMIA_ENGINE_DIR": str(engine_dir),
+        "ANEMIA_PRECISION": precision,
+        "ANEMIA_BACKEND": "onnxruntime",
+    }
+    env.update(extra)
+    return env

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from benchmarks.load import DEFAULT_IMAGES, DEFAULT_MODEL, PROJECT_ROOT, RunningServer, ServerSpec, load_images
-from benchmarks.processes import free_port
+from benchmarks.processes import free_port, ours_env
 
 MIB = 1024 * 1024
 
@@ -41,15 +41,7 @@ def measure(name: str, settings: Dict[str, str], args: argparse.Namespace, image
     import httpx
 
     port = free_port()
-    env = {
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "ANEMIA_MODEL": str(args.model),
-        "ANEMIA_ENGINE_DIR": str(args.engine_dir),
-        "ANEMIA_PRECISION": args.precision,
-        "ANEMIA_BACKEND": "onnxruntime",
-        "ANEMIA_LOG_LEVEL": "warning",
-    }
+    env = ours_env(port, args.model, args.engine_dir, args.precision, ANEMIA_LOG_LEVEL="warning")
     env.update(settings)
     spec = ServerSpec(name, [sys.executable, "-m", "service"], "/readyz", "/v1/predict", sys.executable, "/metrics", env)
     server = RunningServer(spec, port, None, work / "server-{}.log".format(port))

@@ -48,7 +48,7 @@ from benchmarks.load import (
     scrape,
     stage_breakdown,
 )
-from benchmarks.processes import free_port
+from benchmarks.processes import free_port, ours_env
 
 SERVERS = ("ours", "plain-engine", "plain-fp32")
 #: Our server again, the picture sent as the whole body (Content-Type: image/png), not multipart.
@@ -97,15 +97,7 @@ def write_script(directory: Path, images: Sequence[Tuple[str, bytes]], path: str
 def server_spec(name: str, port: int, args: argparse.Namespace, int8_engine: Path) -> ServerSpec:
     python = sys.executable
     if name in ("ours", RAW):
-        env = {
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "ANEMIA_MODEL": str(args.model),
-            "ANEMIA_ENGINE_DIR": str(args.engine_dir),
-            "ANEMIA_PRECISION": args.precision,
-            "ANEMIA_BACKEND": "onnxruntime",
-            "ANEMIA_LOG_LEVEL": args.ours_log_level,
-        }
+        env = ours_env(port, args.model, args.engine_dir, args.precision, ANEMIA_LOG_LEVEL=args.ours_log_level)
         env.update(dict(item.split("=", 1) for item in args.ours_env))
         return ServerSpec(name, [python, "-m", "service"], "/readyz", "/v1/predict", python, "/metrics", env)
     if name not in KNOWN:

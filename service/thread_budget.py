@@ -19,9 +19,9 @@ One module decides it for every backend, from the cores this process may run on
   stages around it ``AROUND_ENGINE_MS`` of CPU, so ``cores`` cores serve at most
   ``cores / (engine + around)`` requests per second and ``n`` single-thread workers at most
   ``n / engine``; the budget takes the fewest workers whose ceiling is within
-  ``WORKER_PAYS_RATIO`` of the cores' (each worker more costs a session's memory). On 2 cores that
-  is 2 workers for FP32 (one engine thread caps it at 76 % of what the cores allow) and 1 for INT8
-  (98 %).
+  ``WORKER_PAYS_RATIO`` (99 %) of the cores' (each worker more costs a session's memory). On 2
+  cores that is 2 workers for FP32 (one engine thread caps it at 76 % of what the cores allow) and
+  for INT8 (98 %: measured, the second worker bought 34 %, docs/benchmarks.md 0.11).
 - **GPU engine (TensorRT on a Jetson).** The engine thread mostly waits on CUDA; the CPU cores go
   to the event loop and preprocessing. Always one worker: it owns the CUDA context.
 
@@ -51,8 +51,12 @@ ENGINE_MS: Dict[str, float] = {"fp32": 7.0, "int8": 3.78, "fp16": 8.8, "int4": 1
 #: normalisation, JSON, logging, metrics) at concurrency 16, same machine: 8.50 - 4.85 ms
 #: (docs/benchmarks.md 0.3).
 AROUND_ENGINE_MS = 3.65
-#: A worker more only when it raises the predicted ceiling by over 10 %: each is a session's memory.
-WORKER_PAYS_RATIO = 0.9
+#: A worker more whenever it raises the predicted ceiling by over 1 % (each is a session's memory,
+#: about 10 MB). The ceiling assumes the cores are shared perfectly; they are not (hand-offs, the
+#: GIL, a worker waiting while the event loop runs), and measured gains are larger than predicted:
+#: on the 2-core AVX2 EPYC (2026-12-06, wrk c=16, 96x224 model) INT8 went from 140.7 req/s with
+#: one worker to 188.6 with two, where the ceilings differ by 2 %; FP32 from 88.2 to 109.4-188.6.
+WORKER_PAYS_RATIO = 0.99
 #: More single-thread workers than this each cost a session's memory for little: beyond it, each
 #: worker gets more intra-op threads instead.
 MAX_ENGINE_WORKERS = 4

@@ -29,9 +29,17 @@ WARMUP_ROUNDS = 5
 WARMUP_CALLS_PER_BLOCK = 4
 #: The idle session keeps ONNX Runtime's CPU arena: with two threads, batch 1 took 3.42 ms with it
 #: and 5.27 ms without (INT8, idle 2-core EPYC, docs/benchmarks.md); it only ever runs one image,
-#: so the arena cannot grow with warm-up's batches. The load session (1 thread: 5.13 vs 5.15 ms)
-#: goes without, as its arena would keep warm-up's batch-8 high-water mark (+177 MB).
+#: so the arena cannot grow with warm-up's batches.
 IDLE_SESSION_ARENA = True
+#: The load sessions keep it too. Without it every intermediate tensor is a fresh malloc, and the
+#: server sets glibc's mmap threshold to 64 KiB (service/edge.py, so freed bodies go back to the
+#: OS): each one becomes an mmap and page faults. Measured on the 2-core AVX2 EPYC (2026-12-06,
+#: FP32 96x224 model, one thread, batch 1): 6.2 ms with the arena, 11.3 ms without; wrk c=16 went
+#: from 109 to 162 req/s with the threshold left to glibc. A batch of more than one image runs with
+#: arena shrinkage (below), so warm-up's batch 8 does not leave its high-water mark behind.
+LOAD_SESSION_ARENA = True
+#: Run option that hands the arena's unused chunks back after the run (ONNX Runtime >= 1.5).
+_SHRINK_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 logger = logging.getLogger("service.runtime.onnxruntime")
 
@@ -53,10 +61,9 @@ def session_options(intra_op_threads: int = 0, spinning: bool = True, memory_are
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = 3
-    # The CPU arena keeps the high-water mark of every shape it has run: after warm-up's batch 8
-    # that is ~177 MB more (INT8 MobileNetV2) that a batch-1 server never uses again. Without it,
-    # the memory pattern still plans one block per run and glibc reuses the freed blocks, at no
-    # measurable cost per call on one thread (on two it costs, see IDLE_SESSION_ARENA).
+    # The CPU arena keeps the high-water mark of every shape it has run unless a run shrinks it
+    # (see LOAD_SESSION_ARENA: batches run with shrinkage); without it every intermediate tensor
+    # is a fresh allocation.
     options.enable_cpu_mem_arena = memory_arena
     options.enable_mem_pattern = True
     if not spinning:
@@ -88,7 +95,9 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.plan = plan
         self.lone_requests = lone_requests
         load_threads, load_spin = (plan.load_intra_op_threads, plan.load_spinning) if plan else (intra_op_threads, spinning)
-        self._load: Optional[ort.InferenceSession] = self._open(load_threads, load_spin)
+        self._load: Optional[ort.InferenceSession] = self._open(load_threads, load_spin, LOAD_SESSION_ARENA)
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry(*_SHRINK_ARENA)
         self._idle: Optional[ort.InferenceSession] = None
         if plan is not None and plan.two_sessions and lone_requests:
             # The idle session only ever runs one image, so its arena never grows past batch 1.
@@ -125,7 +134,8 @@ class OnnxRuntimeBackend(InferenceBackend):
         assert session is not None
         self.calls["idle" if use_idle else "load"] += 1
         feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=self._input_dtype)}
-        (probabilities,) = session.run([OUTPUT_NAME], feed)
+        # A batch's buffers go back after the run: the arena stays at batch 1's size (LOAD_SESSION_ARENA).
+        (probabilities,) = session.run([OUTPUT_NAME], feed, self._shrink if len(batch) > 1 else None)
         return np.asarray(probabilities, dtype=np.float32).reshape(len(batch))
 
     def warm_up(self, image_shape: tuple) -> None:

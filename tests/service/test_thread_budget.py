@@ -25,13 +25,14 @@ def test_two_cores_cpu_engine(make_settings: Callable[..., Settings]) -> None:
 # (precision, engine, cores) -> (engine workers, threads per worker's load session, idle session threads, preprocess threads)
 PLANS = {
     # FP32: one engine thread (7.0 ms) would cap 2 cores at 76 % of what they allow with the 3.65 ms
-    # around it; two single-thread workers reach it. INT8 (3.78 ms): one worker reaches 98 %.
+    # around it; two single-thread workers reach it. INT8 (3.78 ms): one worker reaches 98 %, under
+    # the 99 % a worker must fall short by (measured, a second INT8 worker bought 34 %).
     ("fp32", "cpu", 1): (1, 1, 1, 1),
     ("fp32", "cpu", 2): (2, 1, 2, 1),
     ("fp32", "cpu", 4): (3, 1, 4, 1),
     ("int8", "cpu", 1): (1, 1, 1, 1),
-    ("int8", "cpu", 2): (1, 1, 2, 1),
-    ("int8", "cpu", 4): (2, 1, 4, 1),
+    ("int8", "cpu", 2): (2, 1, 2, 1),
+    ("int8", "cpu", 4): (3, 1, 4, 1),
     # A GPU engine: one worker, the CUDA context's only owner, whatever the precision.
     ("fp32", "gpu", 1): (1, 1, 1, 1),
     ("fp32", "gpu", 2): (1, 1, 1, 1),
@@ -58,7 +59,7 @@ def test_the_worker_reason_shows_the_arithmetic(make_settings: Callable[..., Set
     fp32 = plan_threads(make_settings(precision="fp32"), engine="cpu", cores=2).reasons["engine_workers"]
     assert "188 req/s" in fp32 and "1 only 143 (76 %)" in fp32
     int8 = plan_threads(make_settings(precision="int8"), engine="cpu", cores=2).reasons["engine_workers"]
-    assert "reach 265 (98 %)" in int8 and "second worker" in int8
+    assert "reach 269 (100 %)" in int8 and "1 only 265 (98 %)" in int8
 
 
 def test_every_precision_has_a_reference_cost(make_settings: Callable[..., Settings]) -> None:

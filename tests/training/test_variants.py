@@ -17,15 +17,14 @@ def _fake_run(run_dir: Path) -> None:
     rows += ["b{},1,{},{}".format(i, label, p) for i, (label, p) in enumerate([(0, 0.9), (0, 0.8), (1, 0.2), (1, 0.1)])]
     (cv / "val_predictions.csv").write_text("\n".join(rows) + "\n")
     pooled = {name: {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1} for name, v in (("auc", 0.7), ("accuracy", 0.65))}
-    (cv / "cv_metrics.json").write_text(json.dumps({"pooled_oof": pooled, "config": {"input_size": 224, "input_height": 96, "colour_hidden": 64}}))
-    for fold, epoch in ((0, 0), (1, 7)):
-        (cv / "fold{}".format(fold)).mkdir()
-        (cv / "fold{}".format(fold) / "result.json").write_text(json.dumps({"best_epoch": epoch}))
+    per_fold = [{"fold": 0, "best_epoch": 0}, {"fold": 1, "best_epoch": 7}]
+    config = {"input_size": 224, "input_height": 96, "colour_hidden": 64}
+    (cv / "cv_metrics.json").write_text(json.dumps({"pooled_oof": pooled, "per_fold": per_fold, "config": config}))
 
 
 def test_summary_reads_validation_per_fold_and_pooled_oof(tmp_path: Path) -> None:
     _fake_run(tmp_path / "run")
-    summary = summarize_run("fused", tmp_path / "run")
+    summary = summarize_run("fused", tmp_path / "run" / "cv")
     assert summary["val_auc_per_fold"] == [1.0, 0.0] and summary["val_auc_mean"] == 0.5
     assert summary["oof_auc"] == [0.7, 0.6, 0.8] and summary["best_epochs"] == [0, 7]
     row = markdown([summary]).splitlines()[-1]

@@ -143,3 +143,18 @@ def test_auto_build_makes_a_profile_covering_the_server_batch(model: Path, tmp_p
     backend = backend_factory(settings, engine)()
     assert backend.max_batch_size == 12
     backend.close()
+
+
+def test_a_conjunctiva_shaped_canvas_builds_its_profile_and_runs(tmp_path: Path, fakes: Tuple[Any, Any]) -> None:
+    """The optimisation profile and the buffers follow the model's H x W (issue 13's 96 x 224
+    canvas, here 16 x 40), and a square batch is refused rather than reshaped."""
+    from service.preprocess import PreprocessSpec
+    from service.runtime.tensorrt_backend import TensorRTBackend
+
+    wide = make_test_model(tmp_path / "wide.onnx", width=8, spec=PreprocessSpec(input_size=40, input_height=16))
+    backend = TensorRTBackend(_engine(wide, tmp_path, max_batch=3), "fp16", max_batch=3)
+    x = np.random.default_rng(2).uniform(-1, 1, (5, 3, 16, 40)).astype(np.float32)
+    np.testing.assert_allclose(backend.infer(x), g.run_batches(g.session(wide), x), atol=1e-6)
+    with pytest.raises(ValueError, match="3 x 16 x 40"):
+        backend.infer(np.zeros((1, 3, 40, 40), np.float32))
+    backend.close()
