@@ -456,6 +456,7 @@ def fit(
     for parameter in trunk.parameters():
         parameter.requires_grad_(False)
     train_index = torch.as_tensor(list(train_idx), dtype=torch.long)
+    groups = cluster_ids(data.image_ids, load_clusters(Path(cfg.clusters)))
     resuming = cfg.resume and checkpoint.is_file()
     if cfg.pretrained and not resuming:
         # a resumed run overwrites these weights with the checkpoint's, so skip the pass then
@@ -463,8 +464,7 @@ def fit(
     if model.colour is not None and bank.colour is not None and not resuming:
         model.colour.set_standardization(bank.colour[train_index])
         if cfg.colour_pretrain_steps:
-            groups_of = cluster_ids(data.image_ids, load_clusters(Path(cfg.clusters)))[train_index.numpy()]
-            _unique, inverse, counts = np.unique(groups_of, return_inverse=True, return_counts=True)
+            _unique, inverse, counts = np.unique(groups[train_index.numpy()], return_inverse=True, return_counts=True)
             loss = pretrain_colour_branch(tail, bank.colour[train_index], data.labels[train_index.numpy()], 1.0 / counts[inverse], cfg, seed)
             LOG.info("%s: colour branch pre-trained, %d steps, weighted loss %.4f", label, cfg.colour_pretrain_steps, loss)
     model = model.to(dev)
@@ -483,7 +483,6 @@ def fit(
         best_weights = saved["best_weights"]
         state.update(saved["state"])
         LOG.info("%s: resumed from %s at epoch %d", label, checkpoint, state["epoch"])
-    groups = cluster_ids(data.image_ids, load_clusters(Path(cfg.clusters)))
     val_inputs = bank.clean[list(val_idx)] if val_idx is not None else None
     val_stats = bank.colour_of(torch.as_tensor(list(val_idx), dtype=torch.long)) if val_idx is not None else None
     val_labels = data.labels[list(val_idx)] if val_idx is not None else None
