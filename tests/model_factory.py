@@ -42,7 +42,7 @@ def make_test_model(
 ) -> Path:
     rng = np.random.default_rng(seed)
     # input_size: a square canvas of that size; else the spec's H x W
-    height, width = (input_size, input_size) if input_size else (spec.height, spec.width)
+    canvas_h, canvas_w = (input_size, input_size) if input_size else (spec.height, spec.width)
 
     def weight(name: str, shape: tuple, scale: float = 0.3) -> onnx.TensorProto:
         return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
@@ -74,7 +74,7 @@ def make_test_model(
     graph = helper.make_graph(
         nodes,
         "anemia_test_model",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, height, width])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, canvas_h, canvas_w])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])],
         initializers,
     )
