@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(
     not (DEFAULT_DATA_DIR / "Anemia_Data_Collection_Sheet.csv").is_file(),
     reason="CP-AnemiC not found at {}".format(DEFAULT_DATA_DIR),
 )
-TINY = ["--subset", "16", "--width", "0.35", "--no-pretrained", "--input-size", "64", "--epochs", "1",
-        "--folds", "2", "--bootstrap", "20", "--bank-views", "2", "--no-progress", "--threads", "2"]
+# The shipped recipe (colour branch, pre-training, selection on AUC) on a tiny canvas with few steps.
+TINY = ["--subset", "16", "--width", "0.35", "--no-pretrained", "--input-size", "64", "--input-height", "32", "--epochs", "1",
+        "--folds", "2", "--bootstrap", "20", "--bank-views", "2", "--no-progress", "--threads", "2", "--colour-pretrain-steps", "50"]
 
 
 @pytest.mark.slow
@@ -54,7 +55,7 @@ def test_tiny_cross_validation_and_export(tmp_path: Path) -> None:
     final = json.loads((cv_dir / "final.json").read_text())
     assert info.name == "anemia-mobilenetv2"
     assert info.threshold == pytest.approx(final["threshold"])
-    assert info.spec.input_size == 64
+    assert info.spec.chw == (3, 32, 64)
     assert json.loads(info.metadata["cv_metrics"])["folds"] == 2
     assert len(info.metadata["training_data_sha256"]) == 64
     data = load_dataset(DEFAULT_DATA_DIR, info.spec, limit=16)

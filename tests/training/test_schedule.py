@@ -58,7 +58,7 @@ def test_final_fit_replays_the_median_epochs_of_each_stage() -> None:
 @pytest.mark.skipif(not (DEFAULT_DATA_DIR / "Anemia_Data_Collection_Sheet.csv").is_file(), reason="CP-AnemiC not found at {}".format(DEFAULT_DATA_DIR))
 def test_three_stage_run_trains_each_stage_and_resumes(tmp_path: Path) -> None:
     run_dir, cv_dir, output = tmp_path / "runs", tmp_path / "cv", tmp_path / "model.onnx"
-    args = ["--subset", "16", "--width", "0.35", "--no-pretrained", "--input-size", "64", "--epochs", "4", "--patience", "2",
+    args = ["--subset", "16", "--width", "0.35", "--no-pretrained", "--input-size", "64", "--input-height", "32", "--colour-pretrain-steps", "50", "--epochs", "4", "--patience", "2",
             "--folds", "2", "--bootstrap", "20", "--bank-views", "1", "--no-progress", "--threads", "2", "--schedule", "three-stage",
             "--run-dir", str(run_dir), "--cv-dir", str(cv_dir), "--output", str(output), "--no-final"]
     assert main(args) == 0
@@ -90,7 +90,7 @@ def test_same_arguments_give_the_same_out_of_fold_predictions(tmp_path: Path) ->
     oof = []
     for name in ("first", "second"):
         out = tmp_path / name
-        args = ["--subset", "16", "--width", "0.35", "--no-pretrained", "--input-size", "64", "--epochs", "2", "--folds", "2",
+        args = ["--subset", "16", "--width", "0.35", "--no-pretrained", "--input-size", "64", "--input-height", "32", "--colour-pretrain-steps", "50", "--epochs", "2", "--folds", "2",
                 "--bootstrap", "10", "--bank-views", "1", "--no-progress", "--threads", "2", "--no-final",
                 "--run-dir", str(out / "runs"), "--cv-dir", str(out / "cv"), "--output", str(out / "m.onnx")]
         assert main(args) == 0
