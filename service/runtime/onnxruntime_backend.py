@@ -38,7 +38,7 @@ IDLE_SESSION_ARENA = True
 #: from 109 to 162 req/s with the threshold left to glibc. A batch of more than one image runs with
 #: arena shrinkage (below), so warm-up's batch 8 does not leave its high-water mark behind.
 LOAD_SESSION_ARENA = True
-#: Run option that hands the arena's unused chunks back after the run (ONNX Runtime >= 1.5).
+#: Run option that hands the arena's unused chunks back to the system after the run.
 _SHRINK_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 logger = logging.getLogger("service.runtime.onnxruntime")
