@@ -361,6 +361,12 @@ def predict(tail: nn.Module, inputs: torch.Tensor, cfg: TrainConfig, batch_size:
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def predict_bank(tail: nn.Module, bank: FeatureBank, indices: Sequence[int], cfg: TrainConfig) -> np.ndarray:
+    """:func:`predict` on these images of the bank: their clean inputs and their colour statistics."""
+    index = torch.as_tensor(list(indices), dtype=torch.long)
+    return predict(tail, bank.clean[index], cfg, colour_stats=bank.colour_of(index))
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -631,9 +637,9 @@ def run_fold(cfg: TrainConfig, data: Dataset, bank: FeatureBank, k: int, fold: D
         return FoldResult(**json.loads(result_path.read_text()))
     started = time.time()
     model, tail, state = fit(cfg, data, bank, fold["train"], fold["val"], None, fold_dir / "checkpoint.pt", cfg.seed + 100 * (k + 1), "fold {}".format(k))
-    val_probs = predict(tail, bank.clean[fold["val"]], cfg, colour_stats=bank.colour_of(torch.as_tensor(fold["val"], dtype=torch.long)))
+    val_probs = predict_bank(tail, bank, fold["val"], cfg)
     threshold = choose_threshold(data.labels[fold["val"]], val_probs)
-    test_probs = predict(tail, bank.clean[fold["test"]], cfg, colour_stats=bank.colour_of(torch.as_tensor(fold["test"], dtype=torch.long)))
+    test_probs = predict_bank(tail, bank, fold["test"], cfg)
     result = FoldResult(
         fold=k,
         best_epoch=int(state["best_epoch"]),
